@@ -1,0 +1,77 @@
+"""Hypothesis: the sparse torch super token attention equals the dense NumPy oracle."""
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import reference
+from stvit.attention import SuperTokenAttention
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def configs(draw):
+    heads = draw(st.sampled_from([1, 2, 3, 4]))
+    return dict(
+        B=draw(st.integers(1, 3)),
+        heads=heads,
+        C=heads * draw(st.integers(1, 48 // heads)),
+        H=draw(st.integers(1, 40)),
+        W=draw(st.integers(1, 40)),
+        grid=(draw(st.integers(1, 9)), draw(st.integers(1, 9))),
+        n_iter=draw(st.integers(1, 3)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def build(cfg):
+    torch.manual_seed(cfg["seed"])
+    module = SuperTokenAttention(cfg["C"], cfg["grid"], cfg["n_iter"], cfg["heads"]).double()
+    for p in module.parameters():  # random, not the default init, so biases matter too
+        torch.nn.init.normal_(p, std=0.3)
+    params = {k: v.detach().numpy() for k, v in module.stoken_refine.state_dict().items()}
+    x = np.random.default_rng(cfg["seed"]).standard_normal((cfg["B"], cfg["C"], cfg["H"], cfg["W"]))
+    return module, params, x
+
+
+@SETTINGS
+@given(configs())
+def test_sparse_equals_dense_oracle(cfg):
+    module, params, x = build(cfg)
+    with torch.no_grad():
+        out = module(torch.from_numpy(x)).numpy()
+    expected = reference.super_token_attention(x, params, cfg["grid"], cfg["n_iter"], cfg["heads"])
+    assert out.shape == x.shape
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-9)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs().filter(lambda c: c["H"] * c["W"] * c["C"] <= 1500))
+def test_input_gradient_equals_finite_differences_with_fixed_association(cfg):
+    module, params, x = build(cfg)
+    weights = np.random.default_rng(cfg["seed"] + 1).standard_normal(x.shape)
+    xt = torch.from_numpy(x).requires_grad_()
+    (module(xt) * torch.from_numpy(weights)).sum().backward()
+
+    A = reference.super_token_association(x, cfg["grid"], cfg["n_iter"])  # held fixed, as in the model
+    def loss(v):
+        return (reference.super_token_attention(v, params, cfg["grid"], cfg["n_iter"], cfg["heads"],
+                                                association_matrix=A) * weights).sum()
+    eps = 1e-6
+    grad = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[idx] = eps
+        grad[idx] = (loss(x + step) - loss(x - step)) / (2 * eps)
+    np.testing.assert_allclose(xt.grad.numpy(), grad, rtol=1e-5, atol=1e-7)
+
+
+def test_oracle_phantom_slots_take_part_in_softmax():
+    """A single cell has 8 phantom neighbours: its tokens give it exactly 1/(1 + 8·e^{-l}) each."""
+    x = np.random.default_rng(0).standard_normal((1, 4, 2, 2))
+    A = reference.super_token_association(x, 2, 1)
+    S = x.reshape(4, 4).mean(1)
+    logits = x.reshape(4, 4).T @ S / 2.0
+    np.testing.assert_allclose(A[0, :, 0], np.exp(logits) / (np.exp(logits) + 8))

@@ -1,0 +1,101 @@
+"""STViT-S/B/L sizes, the model registry, checkpoint loading and clear errors."""
+
+import pytest
+import torch
+
+import stvit
+from stvit.attention import SuperTokenAttention
+
+# The authors' parameter counts (official_state_dict_keys.json) and the paper's MACs at 224².
+PAPER = {"stvit_small": (25_495_624, 4.35e9), "stvit_base": (51_691_288, 9.84e9),
+         "stvit_large": (94_971_096, 15.56e9)}
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_params_and_macs_match_the_paper(name):
+    model = stvit.create_model(name)
+    params, macs = PAPER[name]
+    assert stvit.count_params(model) == params
+    assert abs(stvit.count_macs(model, (3, 224, 224)) / macs - 1) < 0.01
+
+
+def test_registry_aliases_and_unknown_name():
+    assert stvit.list_models() == ["stvit_base", "stvit_large", "stvit_small", "stvit_tiny"]
+    assert stvit.create_model("small").embed_dim == stvit.create_model("stvit_small").embed_dim
+    with pytest.raises(ValueError, match="unknown model 'stvit_huge'.*stvit_small"):
+        stvit.create_model("stvit_huge")
+
+
+def test_overrides_reach_the_model():
+    model = stvit.create_model("tiny", num_classes=7, drop_path_rate=0.2)
+    assert model.head.out_features == 7
+    assert max(m.p for m in model.modules() if isinstance(m, stvit.model.DropPath)) == pytest.approx(0.2)
+
+
+def authors_release(model):
+    """A state dict shaped like the authors' release files: constant unfold/fold kernels included."""
+    state = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if isinstance(module, SuperTokenAttention):
+            eye = torch.eye(9).reshape(9, 1, 3, 3)
+            state[f"{name}.unfold.weights"] = eye
+            state[f"{name}.fold.weights"] = eye
+    return state
+
+
+@pytest.mark.parametrize("wrap", ["bare", "model", "model_ema", "ddp_prefix"])
+def test_load_checkpoint_accepts_release_formats(wrap, tmp_path):
+    source = stvit.create_model("tiny").eval()
+    state = authors_release(source)
+    obj = {"bare": state, "model": {"model": state, "epoch": 3}, "model_ema": {"model_ema": state},
+           "ddp_prefix": {f"module.{k}": v for k, v in state.items()}}[wrap]
+    torch.save(obj, tmp_path / "ckpt.pth")
+    target = stvit.load_checkpoint(stvit.create_model("tiny").eval(), tmp_path / "ckpt.pth")
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+def test_load_checkpoint_reports_every_mismatch_at_once():
+    state = dict(stvit.create_model("tiny").state_dict())
+    state.pop("head.bias")
+    state["extra.weight"] = torch.zeros(1)
+    state["head.weight"] = torch.zeros(3, 256)
+    with pytest.raises(stvit.CheckpointError) as err:
+        stvit.load_checkpoint(stvit.create_model("tiny"), state)
+    message = str(err.value)
+    for expected in ("1 missing", "1 unexpected", "1 mis-shaped", "head.bias", "extra.weight", "head.weight",
+                     "3×256", "1000×256"):
+        assert expected in message
+
+
+def test_invalid_input_errors_name_the_argument():
+    model = stvit.create_model("tiny").eval()
+    with pytest.raises(ValueError, match=r"4-D.*got \(3, 64, 64\)"):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="1 channels.*in_chans=3"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match=r"n_iter\[1\]=0"):
+        stvit.create_model("tiny", n_iter=[1, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"embed_dim\[0\]=32 is not divisible by num_heads\[0\]=3"):
+        stvit.create_model("tiny", num_heads=[3, 2, 4, 5])
+    with pytest.raises(ValueError, match="num_heads=5 must divide.*dim=32"):
+        SuperTokenAttention(32, (4, 4), 1, num_heads=5)
+    with pytest.raises(ValueError, match="n_iter=0"):
+        SuperTokenAttention(32, (4, 4), n_iter=0)
+    with pytest.raises(ValueError, match="depths has 4 stages"):
+        stvit.create_model("tiny", num_heads=[1, 2])
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = stvit.create_model("tiny").double()
+    x = torch.randn(2, 3, 40, 56, dtype=torch.float64)
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert stvit.create_model("large").default_checkpoint_num == [4, 7, 15, 0]
