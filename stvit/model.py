@@ -235,14 +235,12 @@ class STViT(nn.Module):
             self.out_indices = tuple(out_indices)
             if not self.out_indices or any(i not in range(S) for i in self.out_indices):
                 raise ValueError(f"out_indices={tuple(out_indices)}: expected stage indices in 0..{S - 1}")
-            self.feature_info = FeatureInfo(
-                dict(num_chs=embed_dim[i], reduction=4 * 2 ** i, module=f"layers.{i}") for i in self.out_indices)
+            self.feature_info = FeatureInfo(_stage_info(embed_dim, depths, i) for i in self.out_indices)
         else:
             self.proj = nn.Conv2d(embed_dim[-1], projection, 1) if projection else nn.Identity()
             self.norm = nn.BatchNorm2d(self.num_features)
             self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-            self.feature_info = FeatureInfo(
-                dict(num_chs=embed_dim[i], reduction=4 * 2 ** i, module=f"layers.{i}") for i in range(S))
+            self.feature_info = FeatureInfo(_stage_info(embed_dim, depths, i) for i in range(S))
         self.pretrained_cfg = default_cfg(num_classes if not features_only else 0)
         self.apply(_init_weights)
 
@@ -326,6 +324,11 @@ class FeatureInfo(list):
 
     def reduction(self) -> list[int]:
         return [f["reduction"] for f in self]
+
+
+def _stage_info(embed_dim, depths, i: int) -> dict:
+    # The stage map is the last block's output (``layers.i`` itself returns it downsampled).
+    return dict(num_chs=embed_dim[i], reduction=4 * 2 ** i, module=f"layers.{i}.blocks.{depths[i] - 1}")
 
 
 def default_cfg(num_classes: int, input_size: int = 224) -> dict:
