@@ -1,0 +1,271 @@
+"""The training loop end to end on a tiny synthetic ImageFolder (32 px, a few steps).
+
+One reference run (1 process, global batch 8 as 2 accumulated micro-batches of 4, the paper's
+augmentation: RandAugment, Random Erasing, repeated augmentation, Mixup/CutMix, drop path, EMA) is
+shared by the tests that compare against it:
+
+* FSDP2 on 2 CPU processes (torchrun, gloo) × 4 images gives the same losses and weights. BatchNorm
+  normalises over what one forward pass sees — in the recipe, as in the authors' DDP training, the
+  per-process batch — so the honest single-process equivalent of 2 × 4 images is 2 micro-batches of
+  4, not one batch of 8. Drop path and Mixup draws are seeded per micro-batch slot, so they match too.
+  BatchNorm *running statistics* are estimated differently (averaged over processes vs. updated per
+  micro-batch) and are not compared.
+* A run SIGKILLed mid-epoch and resumed ends with bit-identical weights and the same metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import stvit
+from train.__main__ import main
+from train.synthetic import ensure_demo_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--model", "tiny", "--input-size", "32", "--num-workers", "0", "--log-every", "1000", "--seed", "3"]
+# The paper's recipe, scaled down: 2 epochs of 4 steps on 4 classes × 8 images.
+RECIPE = FAST + ["--preset", "paper", "--epochs", "2", "--warmup-epochs", "1", "--lr", "0.5",
+                 "--drop-path", "0.1", "--model-ema", "--model-ema-decay", "0.9", "--ckpt-every", "3"]
+DETERMINISTIC_KEYS = ("epoch", "train_loss", "val_loss", "val_acc1", "val_acc5", "lr", "train_images",
+                      "train_skipped", "val_images", "val_skipped", "global_step")
+
+
+def run_cli(*args: str, torchrun: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)]
+                if torchrun else [sys.executable])
+    return subprocess.run(launcher + ["-m", "train", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir: Path, key: str = "model") -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "model_final.pt", weights_only=True)[key]
+
+
+def param_names() -> list[str]:
+    """Trainable weights (BatchNorm running statistics excluded)."""
+    return [name for name, _ in stvit.create_model("tiny", num_classes=4).named_parameters()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process runs use one thread: idle OpenMP threads spin (the CLI sets OMP_WAIT_POLICY=PASSIVE,
+    too late for a pytest process), which slows small steps down many times on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return ensure_demo_dataset(tmp_path_factory.mktemp("data") / "shapes", num_classes=4, train_per_class=8,
+                               val_per_class=4, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    assert main(RECIPE + ["--data-path", str(data), "--batch-size", "4", "--accum-steps", "2",
+                          "--output-dir", str(out)]) == 0
+    return out
+
+
+def test_run_folder_holds_config_metrics_tensorboard_and_final_weights(reference):
+    config = json.loads((reference / "config.json").read_text())
+    assert config["model"] == "stvit_tiny" and config["global_batch"] == 8 and config["mixup"] == 0.8
+    records = metrics(reference)
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert {"train_loss", "val_loss", "val_acc1", "val_acc5", "lr", "images_per_sec"} <= set(r)
+        assert 0 <= r["val_acc1"] <= r["val_acc5"] <= 100 and r["val_images"] == 16 and r["train_images"] == 32
+    assert records[-1]["lr"] == pytest.approx(1e-5)  # the cosine floor at the last step
+    assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
+    assert (reference / "latest").read_text().strip() == "ckpt-00000008"
+    assert not list(reference.glob(".ckpt-*"))  # no temporary folders left behind
+    model = stvit.create_model("tiny", num_classes=4)
+    stvit.load_checkpoint(model, reference / "model_final.pt")
+    ema = final_weights(reference, "model_ema")
+    weights = final_weights(reference)
+    assert set(ema) == set(weights) and not torch.equal(ema["head.weight"], weights["head.weight"])
+
+
+def test_fsdp_two_processes_match_one_process(data, reference, tmp_path):
+    out = tmp_path / "fsdp"
+    result = run_cli(*RECIPE, "--data-path", str(data), "--batch-size", "4", "--output-dir", str(out), torchrun=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) (cpu, FSDP2)" in result.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and config["global_batch"] == 8
+    ours, ref = metrics(out), metrics(reference)
+    assert [r["train_loss"] for r in ours] == pytest.approx([r["train_loss"] for r in ref], rel=1e-5)
+    assert [r["val_images"] for r in ours] == [16, 16]  # every val image counted exactly once
+    sharded, single = final_weights(out), final_weights(reference)
+    for name in param_names():
+        torch.testing.assert_close(sharded[name], single[name], msg=name)
+    sharded_ema, single_ema = final_weights(out, "model_ema"), final_weights(reference, "model_ema")
+    for name in param_names():
+        torch.testing.assert_close(sharded_ema[name], single_ema[name], msg=name)
+
+
+def test_killed_run_resumes_to_the_same_result(data, reference, tmp_path):
+    out = tmp_path / "killed"
+    args = [*RECIPE, "--data-path", str(data), "--batch-size", "4", "--accum-steps", "2", "--output-dir", str(out)]
+    killed = run_cli(*args, "--fault", "kill@7")  # SIGKILL after step 7; the last checkpoint is step 6
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (out / "latest").read_text().strip() == "ckpt-00000006"
+    assert not (out / "model_final.pt").exists() and len(metrics(out)) == 1
+    state = json.loads((out / "ckpt-00000006" / "train_state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 2)  # mid-epoch 2
+    assert main(["--resume", str(out)]) == 0  # every other option comes from the run's config.json
+    for ours, ref in zip(metrics(out), metrics(reference), strict=True):
+        assert {k: ours[k] for k in DETERMINISTIC_KEYS} == {k: ref[k] for k in DETERMINISTIC_KEYS}
+    for key in ("model", "model_ema"):
+        resumed, uninterrupted = final_weights(out, key), final_weights(reference, key)
+        assert resumed.keys() == uninterrupted.keys()
+        for name in resumed:
+            assert torch.equal(resumed[name], uninterrupted[name]), (key, name)
+
+
+def test_resume_ignores_a_checkpoint_that_was_being_written(tmp_path):
+    from train.checkpoint import find_checkpoint
+    good = tmp_path / "ckpt-00000004"
+    good.mkdir()
+    (good / ".metadata").write_bytes(b"x")
+    (good / "train_state.json").write_text("{}")
+    (tmp_path / "latest").write_text("ckpt-00000004\n")
+    partial = tmp_path / ".ckpt-00000006.tmp"  # killed while writing: no train_state.json yet
+    partial.mkdir()
+    (partial / ".metadata").write_bytes(b"x")
+    assert find_checkpoint(tmp_path) == good
+    (tmp_path / "latest").unlink()  # even without the pointer the newest complete one is found
+    unfinished = tmp_path / "ckpt-00000008"
+    unfinished.mkdir()
+    assert find_checkpoint(tmp_path) == good
+
+
+def test_grad_checkpointing_saves_memory_not_results(data, tmp_path):
+    # Recomputation replays the same drop-path masks (the RNG state is saved with each checkpoint), so
+    # the weights match. (BatchNorm running statistics are updated again during recomputation, as with
+    # torch.utils.checkpoint in the authors' code, so buffers are not compared.)
+    runs = {}
+    for flag in ([], ["--grad-checkpoint"]):
+        out = tmp_path / f"run{len(flag)}"
+        assert main(FAST + ["--preset", "paper", "--data-path", str(data), "--epochs", "1", "--warmup-epochs", "0",
+                            "--lr", "0.5", "--drop-path", "0.2", "--batch-size", "8", "--output-dir", str(out),
+                            *flag]) == 0
+        runs[bool(flag)] = final_weights(out)
+        assert metrics(out)[0]["train_images"] == 32
+    for name in param_names():
+        torch.testing.assert_close(runs[True][name], runs[False][name], msg=name)
+
+
+def test_demo_learns_in_a_shortened_run(tmp_path, monkeypatch, capsys):
+    """``python -m train`` as is, but 2 of the demo's epochs: built-in data, real JPEG pipeline."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a fresh machine: no dataset yet
+    out = tmp_path / "demo"
+    assert main(["--epochs", "2", "--num-workers", "0", "--output-dir", str(out)]) == 0
+    assert "using the built-in demo dataset" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == "demo" and config["model"] == "stvit_tiny" and config["num_classes"] == 10
+    last = metrics(out)[-1]
+    assert last["val_images"] == 500 and last["val_acc1"] >= 30.0  # chance: 10 %
+
+
+def test_eval_only_reproduces_the_last_validation(reference, data, capsys):
+    last = metrics(reference)[-1]
+    assert main(FAST + ["--data-path", str(data), "--eval", "--checkpoint", str(reference / "model_final.pt")]) == 0
+    assert f"top-1 {last['val_acc1']:.2f}%" in capsys.readouterr().out
+    assert main(FAST + ["--data-path", str(data), "--eval", "--resume", str(reference)]) == 0
+    assert f"top-1 {last['val_acc1']:.2f}%" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(data, tmp_path, capsys):
+    out = tmp_path / "nan"
+    code = main(FAST + ["--data-path", str(data), "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "8",
+                        "--ckpt-every", "2",
+                        "--fault", "nan@3", "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "the training loss is nan at step 3" in err and "last good checkpoint" in err
+    assert (out / "latest").read_text().strip() == "ckpt-00000002"
+    assert not (out / "model_final.pt").exists()
+
+
+def test_unreadable_images_are_skipped_and_counted(data, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    for split in ("train", "val"):
+        first_class = sorted((broken / split).iterdir())[0]
+        (first_class / "zz_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    out = tmp_path / "run"
+    # 33 train images, batches of 11, no repeats: every image is used once per epoch.
+    assert main(FAST + ["--data-path", str(broken), "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "11",
+                        "--repeated-aug", "1", "--output-dir", str(out)]) == 0
+    record = metrics(out)[0]
+    assert (record["train_skipped"], record["train_images"]) == (1, 32)
+    assert (record["val_skipped"], record["val_images"]) == (1, 16)
+    assert "skipped 1 unreadable train / 1 val images" in capsys.readouterr().out
+
+
+def test_finetune_replaces_a_classifier_of_another_size(reference, tmp_path, capsys):
+    three = ensure_demo_dataset(tmp_path / "three", num_classes=3, train_per_class=4, val_per_class=2, image_size=32)
+    out = tmp_path / "ft"
+    assert main(FAST + ["--data-path", str(three), "--finetune", str(reference / "model_final.pt"),
+                        "--epochs", "1", "--batch-size", "4", "--output-dir", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "4-class classifier" in log and "replaced by a new" in log
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == "finetune" and config["sched"] == "constant"
+    tuned, source = final_weights(out), final_weights(reference)
+    assert tuned["head.weight"].shape[0] == 3 and source["head.weight"].shape[0] == 4
+    # model-eval-mode (the authors' fine-tuning): BatchNorm statistics stay as loaded
+    assert torch.equal(tuned["norm.running_mean"], source["norm.running_mean"])
+
+
+# ---- bad inputs: one clear line on stderr, non-zero exit, no traceback ------------------------------
+def test_missing_data_path_is_reported_without_traceback(tmp_path):
+    result = run_cli("--data-path", str(tmp_path / "nowhere"), "--model", "tiny", "--output-dir", str(tmp_path / "o"))
+    assert result.returncode != 0
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("problem", ["empty class folder", "unknown model", "resume missing", "resume mismatched",
+                                     "output dir taken"])
+def test_bad_inputs_give_clear_errors(problem, data, reference, tmp_path, capsys):
+    args = FAST + ["--data-path", str(data), "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8",
+                   "--output-dir", str(tmp_path / "out")]
+    if problem == "empty class folder":
+        bad = tmp_path / "bad"
+        shutil.copytree(data, bad)
+        (bad / "train" / "zebra").mkdir()
+        args[args.index(str(data))] = str(bad)
+        expected = "has no images"
+    elif problem == "unknown model":
+        args[args.index("tiny")] = "gigantic"
+        expected = "unknown model 'gigantic'"
+    elif problem == "resume missing":
+        args += ["--resume", str(tmp_path / "no-run")]
+        expected = "no such folder"
+    elif problem == "resume mismatched":
+        three = ensure_demo_dataset(tmp_path / "three", num_classes=3, train_per_class=4, val_per_class=2,
+                                    image_size=32)
+        args = ["--resume", str(reference), "--data-path", str(three)]  # the rest comes from the run
+        expected = "it has 4 classes, this dataset has 3"
+    else:
+        args[args.index(str(tmp_path / "out"))] = str(reference)
+        expected = "already holds a run"
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err

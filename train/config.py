@@ -1,0 +1,332 @@
+"""Command line, recipe presets and the resolved training configuration.
+
+Three presets fill in every value the command line leaves out:
+
+* ``paper``    — ImageNet pre-training as in the paper (Appendix C) and the authors' code; used when
+                 ``--data-path`` is given.
+* ``finetune`` — the paper's 384² fine-tuning; used when ``--finetune CKPT`` is given.
+* ``demo``     — a few minutes on a laptop CPU on the built-in synthetic dataset; used when there
+                 is no ``--data-path``.
+
+``--lr`` is always the *base* learning rate at a global batch of 1024; the peak learning rate is
+``lr * global_batch / 1024`` (global batch = per-process batch × processes × accumulation steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from dataclasses import dataclass, field
+
+import stvit
+
+REFERENCE_BATCH = 1024  # --lr is quoted at this global batch and scaled linearly
+
+PAPER = dict(
+    input_size=224, batch_size=128, epochs=300, sched="cosine", lr=1e-3, min_lr=1e-5, warmup_lr=1e-6,
+    warmup_epochs=5, weight_decay=0.05, opt_eps=1e-8, opt_betas=(0.9, 0.999), clip_grad=None,
+    smoothing=0.1, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, mixup_prob=1.0,
+    aa="rand-m9-mstd0.5-inc1", reprob=0.25, repeats=3, train_interpolation="bicubic",
+    crop_scale_min=0.08, crop_pct=0.875, drop=0.0, model_eval_mode=False, num_workers=10,
+)
+# The authors fine-tune at 384² with lr 5e-6 at their global batch of 8 × 64 = 512 (i.e. 1e-5 at
+# 1024), lr == min-lr (a constant schedule), no warm-up, weight decay 1e-8, 30 epochs, and keep the
+# model in eval mode while fine-tuning (frozen BatchNorm statistics, drop path inactive).
+FINETUNE = dict(PAPER, input_size=384, batch_size=64, epochs=30, sched="constant", lr=1e-5,
+                warmup_epochs=0, weight_decay=1e-8, model_eval_mode=True)
+# A laptop run: small images, lighter augmentation (no RandAugment, Mixup/CutMix, erasing or
+# repeats), a higher learning rate for the tiny model and a short schedule.
+DEMO = dict(PAPER, input_size=32, batch_size=64, epochs=25, lr=0.064, min_lr=1e-5, warmup_epochs=1,
+            smoothing=0.1, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0, repeats=1,
+            crop_scale_min=0.5, num_workers=1)
+PRESETS = {"paper": PAPER, "finetune": FINETUNE, "demo": DEMO}
+
+# Stochastic depth per model (paper / authors' README): S 0.1, B 0.4, L 0.6.
+DROP_PATH = {"stvit_tiny": 0.0, "stvit_small": 0.1, "stvit_base": 0.4, "stvit_large": 0.6}
+DEMO_DATASET = dict(num_classes=10, train_per_class=200, val_per_class=50, image_size=64)
+
+
+class ConfigError(ValueError):
+    """An invalid combination of command-line options; the message says how to fix it."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run, after presets and scaling; saved as ``config.json``."""
+
+    preset: str
+    model: str
+    data_path: str | None  # None: the built-in demo dataset
+    output_dir: str | None
+    num_classes: int | None = None  # filled in from the dataset
+    input_size: int = 224
+    batch_size: int = 128  # per process, per forward pass
+    accum_steps: int = 1  # forward/backward passes per optimizer step
+    world_size: int = 1
+    global_batch: int = 128
+    epochs: int = 300
+    sched: str = "cosine"
+    base_lr: float = 1e-3  # at a global batch of 1024
+    lr: float = 1e-3  # peak, scaled to global_batch
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: float = 5
+    weight_decay: float = 0.05
+    opt_eps: float = 1e-8
+    opt_betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = None
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_prob: float = 1.0
+    aa: str = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    repeats: int = 3
+    train_interpolation: str = "bicubic"
+    crop_scale_min: float = 0.08
+    crop_pct: float = 0.875
+    mean: tuple[float, float, float] = stvit.IMAGENET_MEAN
+    std: tuple[float, float, float] = stvit.IMAGENET_STD
+    drop: float = 0.0
+    drop_path: float = 0.1
+    model_eval_mode: bool = False
+    model_ema: bool = False
+    model_ema_decay: float = 0.99996
+    num_workers: int = 10
+    seed: int = 0
+    resume: str | None = None
+    eval_only: bool = False
+    checkpoint: str | None = None
+    finetune: str | None = None
+    ckpt_every: int = 0  # steps; 0 = only at epoch ends
+    compile: bool = False
+    grad_checkpoint: bool = False
+    max_steps: int | None = None  # test hook: stop after this many optimizer steps
+    fault: str | None = None  # test hook: "kill@STEP" or "nan@STEP"
+    log_every: int = 50
+    demo_dataset: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train or evaluate STViT. With no arguments: a few-minute CPU demo (stvit_tiny on a "
+                    "built-in synthetic dataset). ImageNet: torchrun --nproc_per_node 8 -m train --model "
+                    "large --data-path /imagenet. Options left out take the values of the preset "
+                    "(paper / finetune / demo); the resolved configuration is printed and saved.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", default=None, help="tiny | small | base | large (or stvit_*); default: tiny for the demo, "
+      "small otherwise")
+    a("--data-path", default=None, help="folder with train/<class>/ and val/<class>/ image folders; "
+      "without it the built-in demo dataset is generated and used")
+    a("--preset", choices=sorted(PRESETS), default=None,
+      help="recipe preset; default: finetune with --finetune, paper with --data-path, else demo")
+    a("--output-dir", default=None, help="where config.json, metrics.jsonl, TensorBoard scalars, "
+      "checkpoints and model_final.pt go (default: runs/<preset>-<model>)")
+    g = p.add_argument_group("schedule and optimizer (AdamW)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per process per forward pass")
+    g.add_argument("--accum-steps", type=int, default=None, help="gradient accumulation: forward/backward passes "
+                   "per optimizer step (global batch = batch size × processes × accum steps)")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--sched", choices=["cosine", "constant"], default=None,
+                   help="cosine: warm-up then cosine to --min-lr, per iteration; constant: --lr throughout")
+    g.add_argument("--lr", type=float, default=None, help="base learning rate at a global batch of 1024 "
+                   "(scaled linearly: peak lr = lr * global_batch / 1024)")
+    g.add_argument("--min-lr", type=float, default=None, help="cosine floor (not scaled)")
+    g.add_argument("--warmup-lr", type=float, default=None, help="learning rate at step 0 (not scaled)")
+    g.add_argument("--warmup-epochs", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="decoupled weight decay; not applied to 1-D parameters and layer-scale gammas")
+    g.add_argument("--opt-eps", type=float, default=None)
+    g.add_argument("--opt-betas", type=float, nargs=2, default=None)
+    g.add_argument("--clip-grad", type=float, default=None, help="clip the global gradient norm (off by default)")
+    g = p.add_argument_group("augmentation and regularisation")
+    g.add_argument("--input-size", type=int, default=None)
+    g.add_argument("--drop", type=float, default=None, help="dropout rate")
+    g.add_argument("--drop-path", type=float, default=None,
+                   help="stochastic depth rate; default per model: S 0.1, B 0.4, L 0.6, tiny 0")
+    g.add_argument("--smoothing", type=float, default=None, help="label smoothing")
+    g.add_argument("--mixup", type=float, default=None, help="Mixup alpha (0 disables)")
+    g.add_argument("--cutmix", type=float, default=None, help="CutMix alpha (0 disables)")
+    g.add_argument("--mixup-switch-prob", type=float, default=None)
+    g.add_argument("--mixup-prob", type=float, default=None)
+    g.add_argument("--aa", default=None, help="RandAugment policy, e.g. rand-m9-mstd0.5-inc1; 'none' disables")
+    g.add_argument("--reprob", type=float, default=None, help="Random Erasing probability (per-pixel noise)")
+    g.add_argument("--repeated-aug", dest="repeats", type=int, default=None, metavar="N",
+                   help="repeated augmentation: each image N times per epoch (DeiT's sampler; 1 disables)")
+    g.add_argument("--train-interpolation", default=None, choices=["bicubic", "bilinear", "random"])
+    g.add_argument("--model-eval-mode", action=argparse.BooleanOptionalAction, default=None,
+                   help="train with the model in eval mode (frozen BatchNorm statistics, no drop path), "
+                   "as the authors do when fine-tuning; default on for the finetune preset only")
+    g.add_argument("--model-ema", action="store_true", default=None,
+                   help="keep an EMA of the weights (saved in checkpoints and model_final.pt, not evaluated)")
+    g.add_argument("--model-ema-decay", type=float, default=None, help="default 0.99996 (the authors')")
+    g = p.add_argument_group("runs, checkpoints, evaluation")
+    g.add_argument("--num-workers", type=int, default=None, help="data loader processes per training process")
+    g.add_argument("--seed", type=int, default=None, help="default 0")
+    g.add_argument("--resume", default=None, help="output folder (or checkpoint folder) of a run to continue, "
+                   "mid-epoch if it stopped mid-epoch; options not given take the run's saved values")
+    g.add_argument("--ckpt-every", type=int, default=None,
+                   help="also checkpoint every N optimizer steps (0: only at the end of each epoch)")
+    g.add_argument("--eval", dest="eval_only", action="store_true",
+                   help="only evaluate --checkpoint FILE (or the run in --resume DIR) on the val split")
+    g.add_argument("--checkpoint", default=None, help="weights to evaluate with --eval (model_final.pt or "
+                   "the authors' .pth)")
+    g.add_argument("--finetune", default=None, help="start from these weights with the fine-tune preset; "
+                   "a classifier of another size is replaced by a new one")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile each transformer block")
+    g.add_argument("--grad-checkpoint", action="store_true", default=None,
+                   help="recompute block activations in backward (large: the authors' first 4/7/15/0 "
+                   "blocks per stage; other models: all blocks)")
+    g.add_argument("--log-every", type=int, default=None, help="print progress every N steps")
+    g = p.add_argument_group("test hooks (for the test suite)")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps (the schedule still spans --epochs)")
+    g.add_argument("--fault", default=None, help="inject a failure: kill@STEP (SIGKILL after that step) "
+                   "or nan@STEP (a NaN loss at that step)")
+    return p
+
+
+def _choose_preset(args: argparse.Namespace) -> str:
+    if args.preset:
+        return args.preset
+    if args.finetune:
+        return "finetune"
+    return "paper" if args.data_path else "demo"
+
+
+def _output_dir(args: argparse.Namespace, default: str) -> str:
+    """--output-dir; else the run folder of --resume; else ``default``, numbered so that a new run never
+    lands in the folder of an earlier one."""
+    if args.output_dir:
+        return args.output_dir
+    if args.resume:
+        resume = Path(args.resume)
+        return str(resume.parent if (resume / ".metadata").exists() else resume)
+    candidate, n = Path(default), 1
+    while candidate.exists():
+        n += 1
+        candidate = Path(f"{default}-{n}")
+    return str(candidate)
+
+
+# Options a resumed run takes from its saved config.json unless given again (test hooks and the
+# choice of what to do — --eval, --checkpoint, --finetune — are never inherited).
+INHERITED = ("model", "data_path", "preset", "accum_steps", "drop_path", "seed", "ckpt_every", "model_ema",
+             "model_ema_decay", "compile", "grad_checkpoint", "log_every", *PAPER)
+BUILTIN_DEFAULTS = dict(accum_steps=1, seed=0, ckpt_every=0, model_ema=False, model_ema_decay=0.99996,
+                        compile=False, grad_checkpoint=False)
+
+
+def saved_run_config(resume: str) -> dict | None:
+    """The configuration saved by the run in ``resume`` (its folder or one of its checkpoints)."""
+    path = Path(resume)
+    for candidate in (path / "config.json", path.parent / "config.json"):
+        if candidate.is_file():
+            try:
+                saved = json.loads(candidate.read_text())
+            except ValueError:
+                raise ConfigError(f"{candidate} is not valid JSON; pass the run's options explicitly") from None
+            saved["lr"] = saved.get("base_lr")  # the saved peak lr is derived; --lr is the base lr
+            return saved
+    return None
+
+
+def inherit_from_run(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left out of a --resume command line from the resumed run's configuration."""
+    saved = saved_run_config(args.resume) if args.resume else None
+    args = argparse.Namespace(**vars(args))
+    for name in INHERITED:
+        if getattr(args, name, None) is None and saved and saved.get(name) is not None:
+            setattr(args, name, saved[name])
+    for name, value in BUILTIN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def resolve_config(args: argparse.Namespace, world_size: int = 1) -> TrainConfig:
+    """Apply the preset, the per-model defaults and the linear lr scaling; validate the result."""
+    args = inherit_from_run(args)
+    preset_name = _choose_preset(args)
+    preset = PRESETS[preset_name]
+    model_name = args.model or ("tiny" if preset_name == "demo" and not args.data_path else "small")
+    try:
+        model = stvit.resolve_name(model_name)
+    except ValueError as e:
+        raise ConfigError(f"--model: {e}") from None
+
+    def pick(name: str):
+        value = getattr(args, name, None)
+        return preset[name] if value is None else value
+
+    values = {name: pick(name) for name in preset}
+    values["opt_betas"] = tuple(values["opt_betas"])
+    values["drop_path"] = args.drop_path if args.drop_path is not None else DROP_PATH.get(model, 0.1)
+    values["num_workers"] = args.num_workers if args.num_workers is not None else preset["num_workers"]
+    global_batch = values["batch_size"] * world_size * args.accum_steps
+    cfg = TrainConfig(
+        preset=preset_name, model=model, data_path=args.data_path,
+        output_dir=_output_dir(args, f"runs/{preset_name}-{model.removeprefix('stvit_')}"),
+        accum_steps=args.accum_steps, world_size=world_size, global_batch=global_batch,
+        base_lr=values.pop("lr"), lr=0.0, model_ema=args.model_ema, model_ema_decay=args.model_ema_decay,
+        seed=args.seed, resume=args.resume, eval_only=args.eval_only, checkpoint=args.checkpoint,
+        finetune=args.finetune, ckpt_every=args.ckpt_every, compile=args.compile,
+        grad_checkpoint=args.grad_checkpoint, max_steps=args.max_steps, fault=args.fault,
+        log_every=args.log_every or (10 if preset_name == "demo" else 50),
+        demo_dataset=dict(DEMO_DATASET) if not args.data_path else {}, **values)
+    cfg.lr = cfg.base_lr * global_batch / REFERENCE_BATCH
+    if cfg.sched == "constant":
+        cfg.min_lr, cfg.warmup_epochs = cfg.lr, 0
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject settings that cannot work, naming the option and a fix."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(cfg.batch_size >= 2, f"--batch-size must be >= 2 (BatchNorm needs 2 images per batch), got "
+         f"{cfg.batch_size}")
+    need(cfg.accum_steps >= 1, f"--accum-steps must be >= 1, got {cfg.accum_steps}")
+    need(cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}")
+    need(0 <= cfg.warmup_epochs < cfg.epochs, f"--warmup-epochs must be in [0, --epochs={cfg.epochs}), "
+         f"got {cfg.warmup_epochs}")
+    need(cfg.base_lr > 0, f"--lr must be > 0, got {cfg.base_lr}")
+    need(cfg.min_lr >= 0 and cfg.warmup_lr >= 0, "--min-lr and --warmup-lr must be >= 0")
+    need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.input_size >= 32, f"--input-size must be >= 32 (the model downsamples by 32), got {cfg.input_size}")
+    need(0 <= cfg.drop_path < 1 and 0 <= cfg.drop < 1, "--drop-path and --drop must be in [0, 1)")
+    need(0 <= cfg.smoothing < 1, f"--smoothing must be in [0, 1), got {cfg.smoothing}")
+    need(cfg.mixup >= 0 and cfg.cutmix >= 0, "--mixup and --cutmix must be >= 0 (0 disables)")
+    need(0 <= cfg.reprob <= 1, f"--reprob must be in [0, 1], got {cfg.reprob}")
+    need(cfg.repeats >= 1, f"--repeated-aug must be >= 1, got {cfg.repeats}")
+    need(cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}")
+    need(cfg.ckpt_every >= 0, f"--ckpt-every must be >= 0, got {cfg.ckpt_every}")
+    need(cfg.clip_grad is None or cfg.clip_grad > 0, "--clip-grad must be > 0")
+    need(cfg.max_steps is None or cfg.max_steps >= 1, "--max-steps must be >= 1")
+    need(not (cfg.eval_only and not (cfg.checkpoint or cfg.resume)),
+         "--eval needs the weights to evaluate: --checkpoint FILE (e.g. model_final.pt) or --resume RUN_DIR")
+    need(not (cfg.checkpoint and not cfg.eval_only),
+         "--checkpoint is for --eval; to train from weights use --finetune FILE, to continue a run --resume DIR")
+    need(not (cfg.finetune and cfg.resume),
+         "--finetune starts a new run from weights, --resume continues a run: give only one")
+    if cfg.fault is not None:
+        kind, _, step = cfg.fault.partition("@")
+        need(kind in ("kill", "nan") and step.isdigit(), f"--fault must be kill@STEP or nan@STEP, got {cfg.fault!r}")
+
+
+def parse_config(argv: list[str] | None = None, world_size: int = 1) -> TrainConfig:
+    return resolve_config(build_parser().parse_args(argv), world_size)

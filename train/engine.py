@@ -1,0 +1,128 @@
+"""One optimizer step and one evaluation pass.
+
+Reproducibility across world sizes and resumes: all model-side randomness of a step (drop path,
+dropout, Mixup/CutMix) is drawn from generators seeded by ``(seed, step, slot)``, where the
+*slot* ``rank + world_size * micro_batch`` names a micro-batch within the global batch. The
+samplers deal global positions round-robin to the ranks and each process splits its batch into
+micro-batches by stride, so slot ``g`` holds the same images whether it runs as rank ``g`` of
+``G`` processes or as micro-batch ``g`` of one process accumulating ``G`` micro-batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import struct
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train import distributed
+from train.mixup import Mixup, label_smoothing_cross_entropy, soft_target_cross_entropy
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def derive_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from a few integers (stable across platforms and runs)."""
+    packed = struct.pack(f"<{len(values)}q", *values)
+    return int.from_bytes(hashlib.blake2b(packed, digest_size=8, person=b"stvit-step").digest(), "little") >> 1
+
+
+def micro_batches(images: torch.Tensor, targets: torch.Tensor, accum_steps: int):
+    """Strided split: micro-batch ``m`` takes rows ``m, m + A, m + 2A, ...`` (see module docstring)."""
+    return [(images[m::accum_steps], targets[m::accum_steps]) for m in range(accum_steps)]
+
+
+def compute_loss(logits: torch.Tensor, targets: torch.Tensor, soft_targets: torch.Tensor | None,
+                 smoothing: float) -> torch.Tensor:
+    if soft_targets is not None:
+        return soft_target_cross_entropy(logits.float(), soft_targets)
+    return label_smoothing_cross_entropy(logits.float(), targets, smoothing)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor,
+               *, env, cfg, mixup: Mixup | None, step: int, skipped: int = 0,
+               fault_nan: bool = False) -> tuple[float, float, float]:
+    """Forward/backward over the micro-batches of this process, then one optimizer update.
+
+    Returns the global ``[loss_sum, images, skipped_images]`` of this step summed over processes (float64). Raises
+    :class:`NonFiniteLossError` on every process alike (the check uses the all-reduced sum) before
+    the weights are updated.
+    """
+    device = env.device
+    accum = cfg.accum_steps
+    stats = torch.zeros(3, dtype=torch.float64, device=device)
+    stats[2] = skipped
+    for m, (x, y) in enumerate(micro_batches(images, targets, accum)):
+        slot = env.rank + env.world_size * m
+        torch.manual_seed(derive_seed(cfg.seed, step, slot, 0))  # drop path / dropout masks
+        distributed.set_gradient_sync(model, m == accum - 1)
+        n = x.shape[0]
+        if n == 0:  # every image of this micro-batch was unreadable: keep collectives in step
+            x = torch.zeros((2, 3, cfg.input_size, cfg.input_size))
+            y = torch.zeros(2, dtype=torch.long)
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        soft = None
+        if mixup is not None:
+            x, soft = mixup(x, y, random.Random(derive_seed(cfg.seed, step, slot, 1)))
+        loss = compute_loss(model(x), y, soft, cfg.smoothing)
+        if fault_nan:
+            loss = loss * float("nan")
+        weight = 0.0 if n == 0 else 1.0
+        (loss * (weight / accum)).backward()
+        stats[0] += loss.detach().double() * n
+        stats[1] += n
+    distributed.all_reduce_sum(stats)
+    loss_sum, count, skipped = stats.tolist()
+    if not math.isfinite(loss_sum):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"the training loss is {loss_sum} at step {step}")
+    if cfg.clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, count, skipped
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, env, input_size: int) -> dict:
+    """Top-1/top-5 accuracy (percent) and mean cross-entropy over the whole validation split.
+
+    Every process runs the same number of forward passes (FSDP2 gathers parameters in each), so a
+    process with fewer or emptied batches runs throw-away passes; sums, not means, are reduced, so
+    each image counts exactly once.
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=env.device)  # loss, top1, top5, images, skipped
+    num_batches = torch.tensor([len(loader)], dtype=torch.float64, device=env.device)
+    if distributed.dist.is_initialized() and env.world_size > 1:
+        distributed.dist.all_reduce(num_batches, op=distributed.dist.ReduceOp.MAX)
+    batches = iter(loader)
+    for _ in range(int(num_batches.item())):
+        images, targets, skipped = next(batches, (torch.empty(0), torch.empty(0, dtype=torch.long), 0))
+        sums[4] += skipped
+        if images.shape[0] == 0:
+            model(torch.zeros((1, 3, input_size, input_size), device=env.device))
+            continue
+        images = images.to(env.device, non_blocking=True)
+        targets = targets.to(env.device, non_blocking=True)
+        logits = model(images).float()
+        sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == targets[:, None]
+        sums[1] += hits[:, 0].sum()
+        sums[2] += hits.any(dim=1).sum()
+        sums[3] += images.shape[0]
+    distributed.all_reduce_sum(sums)
+    model.train(was_training)
+    loss, top1, top5, count, skipped = sums.tolist()
+    count = max(count, 1.0)
+    return {"val_loss": loss / count, "val_acc1": 100.0 * top1 / count, "val_acc5": 100.0 * top5 / count,
+            "val_images": int(sums[3].item()), "val_skipped": int(skipped)}

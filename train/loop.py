@@ -1,0 +1,320 @@
+"""The training run: data, model, optimizer, resume, epochs, checkpoints, final weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import stvit
+from train import checkpoint, distributed, engine
+from train.config import ConfigError, TrainConfig
+from train.data import DataError, build_datasets, collate_skip_corrupt
+from train.distributed import DistEnv
+from train.metrics import MetricsWriter, atomic_write_text
+from train.mixup import Mixup
+from train.optim import WeightEMA, build_optimizer
+from train.samplers import DistributedEvalSampler, build_train_sampler
+from train.schedule import build_schedule, set_lr
+
+EPOCH_SUMS = ("loss_sum", "images", "skipped", "train_time")
+
+
+class Run:
+    """State and helpers of one training or evaluation run (one per process)."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv):
+        self.cfg, self.env = cfg, env
+
+    def log(self, message: str) -> None:
+        if self.env.is_main:
+            print(message, flush=True)
+
+    # ---- setup ------------------------------------------------------------------------------------
+    def build_data(self) -> None:
+        cfg = self.cfg
+        data_path = cfg.data_path
+        if data_path is None:
+            from train.synthetic import ensure_demo_dataset
+            self.log(f"no --data-path: using the built-in demo dataset {cfg.demo_dataset}")
+            if self.env.is_main:  # builds it once; the others then find the finished copy
+                data_path = str(ensure_demo_dataset(seed=0, **cfg.demo_dataset))
+            distributed.barrier()
+            if not self.env.is_main:
+                data_path = str(ensure_demo_dataset(seed=0, **cfg.demo_dataset))
+            self.log(f"demo dataset: {data_path}")
+        self.train_ds, self.val_ds = build_datasets(
+            data_path, cfg.input_size, aa=cfg.aa, reprob=cfg.reprob, interpolation=cfg.train_interpolation,
+            crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std, scale=(cfg.crop_scale_min, 1.0))
+        cfg.num_classes = self.train_ds.num_classes
+        env = self.env
+        self.train_sampler = build_train_sampler(len(self.train_ds), env.world_size, env.rank,
+                                                 num_repeats=cfg.repeats, seed=cfg.seed)
+        self.step_batch = cfg.batch_size * cfg.accum_steps  # images per process per optimizer step
+        self.steps_per_epoch = self.train_sampler.epoch_length // self.step_batch
+        if self.steps_per_epoch < 1 and not cfg.eval_only:
+            raise ConfigError(f"the training split has {len(self.train_ds)} images, fewer than one global batch "
+                              f"of {cfg.global_batch}; lower --batch-size")
+        loader_args = dict(num_workers=cfg.num_workers, collate_fn=collate_skip_corrupt,
+                           pin_memory=env.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+        self.train_loader = DataLoader(self.train_ds, batch_size=self.step_batch, sampler=self.train_sampler,
+                                       drop_last=True, **loader_args)
+        eval_batch = max(2, int(1.5 * cfg.batch_size))
+        self.val_loader = DataLoader(self.val_ds, batch_size=eval_batch,
+                                     sampler=DistributedEvalSampler(len(self.val_ds), env.world_size, env.rank),
+                                     **loader_args)
+
+    def build_model(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process, whatever the world size
+        model = stvit.create_model(cfg.model, num_classes=cfg.num_classes, drop_path_rate=cfg.drop_path,
+                                   drop_rate=cfg.drop)
+        if cfg.finetune:
+            self.load_finetune_weights(model, cfg.finetune)
+        if cfg.eval_only and cfg.checkpoint:
+            stvit.load_checkpoint(model, cfg.checkpoint)
+        if cfg.grad_checkpoint:
+            model.set_grad_checkpointing(True)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        torch.manual_seed(cfg.seed + self.env.rank)
+        self.model = distributed.prepare_model(model, self.env, compile_blocks=cfg.compile)
+
+    def load_finetune_weights(self, model, path: str) -> None:
+        state = stvit.read_checkpoint(path)
+        head = state.get("head.weight")
+        if head is not None and head.shape != model.head.weight.shape:
+            self.log(f"--finetune: {path} has a {head.shape[0]}-class classifier and this dataset has "
+                     f"{self.cfg.num_classes} classes: the classifier (head.*) is replaced by a new, randomly "
+                     f"initialised one; every other weight is loaded")
+            fresh = model.state_dict()
+            state.update({k: fresh[k] for k in fresh if k.startswith("head.")})
+        stvit.load_checkpoint(model, state)
+        self.log(f"--finetune: loaded {path}")
+
+    def build_training(self) -> None:
+        cfg = self.cfg
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.ema = WeightEMA(self.model, cfg.model_ema_decay) if cfg.model_ema else None
+        self.schedule = build_schedule(cfg, self.steps_per_epoch)
+        mixup = Mixup(cfg.mixup, cfg.cutmix, switch_prob=cfg.mixup_switch_prob, prob=cfg.mixup_prob,
+                      label_smoothing=cfg.smoothing, num_classes=cfg.num_classes)
+        self.mixup = mixup if mixup.active else None
+        self.state = dict(model=cfg.model, num_classes=cfg.num_classes, global_batch=cfg.global_batch,
+                          steps_per_epoch=self.steps_per_epoch, has_ema=cfg.model_ema, epoch=0,
+                          step_in_epoch=0, global_step=0, epoch_sums=dict.fromkeys(EPOCH_SUMS, 0.0),
+                          history=[], config=cfg.to_dict())
+
+    def resume(self, ckpt: Path) -> None:
+        cfg = self.cfg
+        saved = checkpoint.read_train_state(ckpt)
+        checkpoint.check_compatible(saved, model=cfg.model, num_classes=cfg.num_classes,
+                                    global_batch=cfg.global_batch, ckpt=ckpt)
+        if saved["step_in_epoch"] and saved["steps_per_epoch"] != self.steps_per_epoch:
+            raise checkpoint.ResumeError(
+                f"cannot resume mid-epoch from {ckpt}: it had {saved['steps_per_epoch']} steps per epoch, this "
+                f"run has {self.steps_per_epoch} (the training set or batch size changed)")
+        if cfg.model_ema and not saved.get("has_ema"):
+            raise checkpoint.ResumeError(f"{ckpt} holds no EMA weights; resume without --model-ema")
+        checkpoint.load_checkpoint(ckpt, self.model, self.optimizer, self.ema, self.env)
+        for key in ("epoch", "step_in_epoch", "global_step", "epoch_sums", "history"):
+            self.state[key] = saved[key]
+        self.log(f"resumed from {ckpt}: epoch {saved['epoch'] + 1}, step {saved['step_in_epoch']} of "
+                 f"{self.steps_per_epoch} (global step {saved['global_step']})")
+
+    # ---- training -----------------------------------------------------------------------------------
+    def save(self) -> Path:
+        return checkpoint.save_checkpoint(self.cfg.output_dir, self.model, self.optimizer, self.ema,
+                                          self.state, self.env)
+
+    def train(self, writer: MetricsWriter) -> dict | None:
+        cfg, state = self.cfg, self.state
+        kill_step, nan_step = _fault_steps(cfg.fault)
+        record = state["history"][-1] if state["history"] else None
+        for epoch in range(state["epoch"], cfg.epochs):
+            first = state["step_in_epoch"]
+            self.train_sampler.set_epoch(epoch)
+            self.train_sampler.set_start(first * self.step_batch)
+            sums = dict(state["epoch_sums"])
+            self.model.train(not cfg.model_eval_mode)
+            tick = time.perf_counter()
+            batches = iter(self.train_loader)
+            for k in range(first, self.steps_per_epoch):
+                images, targets, skipped = next(batches)
+                step = state["global_step"]
+                lr = self.schedule(step)
+                set_lr(self.optimizer, lr)
+                try:
+                    stats = engine.train_step(self.model, self.optimizer, images, targets, env=self.env, cfg=cfg,
+                                              mixup=self.mixup, step=step, skipped=skipped,
+                                              fault_nan=step == nan_step)
+                except engine.NonFiniteLossError as e:
+                    raise engine.NonFiniteLossError(
+                        f"{e} (epoch {epoch + 1}, step {k + 1}/{self.steps_per_epoch}); stopping. The last good "
+                        f"checkpoint is in {cfg.output_dir} (continue with --resume {cfg.output_dir}, perhaps "
+                        f"with a lower --lr or with --clip-grad)") from None
+                if self.ema is not None:
+                    self.ema.update(self.model)
+                now = time.perf_counter()
+                sums["train_time"] += now - tick
+                tick = now
+                sums["loss_sum"] += stats[0]
+                sums["images"] += stats[1]
+                sums["skipped"] += stats[2]
+                state.update(global_step=step + 1, step_in_epoch=k + 1, epoch_sums=sums)
+                self.report_progress(epoch, k, lr, stats, sums, writer)
+                if step + 1 == kill_step:
+                    os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a preempted job
+                last_step = k + 1 == self.steps_per_epoch
+                if cfg.max_steps is not None and step + 1 >= cfg.max_steps and not last_step:
+                    self.save()
+                    self.log(f"--max-steps {cfg.max_steps} reached mid-epoch; checkpoint saved")
+                    return None
+                if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and not last_step:
+                    self.save()
+            record = self.finish_epoch(epoch, sums, lr)
+            self.save()
+            writer.log_epoch(record, state["global_step"])
+            if cfg.max_steps is not None and state["global_step"] >= cfg.max_steps:
+                self.log(f"--max-steps {cfg.max_steps} reached")
+                break
+        return record
+
+    def report_progress(self, epoch, k, lr, stats, sums, writer) -> None:
+        cfg = self.cfg
+        loss = stats[0] / max(stats[1], 1)
+        writer.log_step(self.state["global_step"], {"loss": loss, "lr": lr})
+        done = k + 1
+        if done % cfg.log_every and done != self.steps_per_epoch:
+            return
+        rate = sums["images"] / max(sums["train_time"], 1e-9)
+        eta = (self.steps_per_epoch - done) * cfg.global_batch / max(rate, 1e-9)
+        self.log(f"epoch {epoch + 1}/{cfg.epochs}  step {done}/{self.steps_per_epoch}  loss {loss:.4f} "
+                 f"(epoch mean {sums['loss_sum'] / max(sums['images'], 1):.4f})  lr {lr:.3g}  "
+                 f"{rate:.0f} img/s  epoch eta {eta:.0f}s")
+
+    def finish_epoch(self, epoch: int, sums: dict, lr: float) -> dict:
+        distributed.average_buffers(self.model)
+        val = engine.evaluate(self.model, self.val_loader, self.env, self.cfg.input_size)
+        record = {"epoch": epoch + 1, "train_loss": sums["loss_sum"] / max(sums["images"], 1),
+                  **{k: val[k] for k in ("val_loss", "val_acc1", "val_acc5")}, "lr": lr,
+                  "images_per_sec": sums["images"] / max(sums["train_time"], 1e-9),
+                  "train_images": int(sums["images"]), "train_skipped": int(sums["skipped"]),
+                  "val_images": val["val_images"], "val_skipped": val["val_skipped"],
+                  "epoch_time": sums["train_time"], "global_step": self.state["global_step"]}
+        skipped = f", skipped {record['train_skipped']} unreadable train / {record['val_skipped']} val images" \
+            if record["train_skipped"] or record["val_skipped"] else ""
+        self.log(f"epoch {epoch + 1}/{self.cfg.epochs} done: train loss {record['train_loss']:.4f}  val loss "
+                 f"{record['val_loss']:.4f}  val top-1 {record['val_acc1']:.2f}%  top-5 {record['val_acc5']:.2f}%  "
+                 f"{record['images_per_sec']:.0f} img/s{skipped}")
+        self.state["history"].append(record)
+        self.state.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums=dict.fromkeys(EPOCH_SUMS, 0.0))
+        return record
+
+
+def _fault_steps(fault: str | None) -> tuple[int | None, int | None]:
+    if not fault:
+        return None, None
+    kind, _, step = fault.partition("@")
+    return (int(step), None) if kind == "kill" else (None, int(step))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Never start a new run over an existing one."""
+    out = Path(cfg.output_dir)
+    if not cfg.eval_only and not cfg.resume and (out / checkpoint.LATEST).exists():
+        raise ConfigError(f"--output-dir {out} already holds a run; continue it with --resume {out} or choose "
+                          f"another --output-dir")
+
+
+def prepare_output_dir(cfg: TrainConfig, env: DistEnv) -> None:
+    if env.is_main:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(cfg.output_dir) / "config.json", cfg.to_json() + "\n")
+    distributed.barrier()
+
+
+def run(cfg: TrainConfig, env: DistEnv) -> dict | None:
+    """Train (or with ``cfg.eval_only`` evaluate) as configured; returns the last epoch's record."""
+    seed_everything(cfg.seed + env.rank)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+    check_output_dir(cfg)
+    ckpt = checkpoint.find_checkpoint(cfg.resume) if cfg.resume else None  # fail fast on a wrong path
+    r = Run(cfg, env)
+    r.build_data()
+    r.build_model()
+    if cfg.eval_only:
+        return evaluate_only(r, ckpt)
+    r.build_training()
+    if ckpt is not None:
+        r.resume(ckpt)
+    prepare_output_dir(cfg, env)
+    r.log("configuration (saved as config.json):\n" + "\n".join(
+        f"  {key:<20} {json.dumps(value)}" for key, value in sorted(cfg.to_dict().items())))
+    r.log(f"{cfg.model}: {r.num_params / 1e6:.2f} M parameters, {cfg.num_classes} classes, {len(r.train_ds)} train "
+          f"/ {len(r.val_ds)} val images, {r.steps_per_epoch} steps per epoch on {env.world_size} process(es) "
+          f"({env.device.type}{', FSDP2' if env.use_fsdp else ''}), peak lr {cfg.lr:.3g}; writing to "
+          f"{cfg.output_dir}")
+    writer = MetricsWriter(cfg.output_dir, enabled=env.is_main, history=r.state["history"],
+                           purge_step=r.state["global_step"] if cfg.resume else None)
+    try:
+        start = time.perf_counter()
+        record = r.train(writer)
+        path = checkpoint.save_final(cfg.output_dir, r.model, r.ema,
+                                     {"config": cfg.to_dict(), "epoch": r.state["epoch"],
+                                      "global_step": r.state["global_step"]}, env)
+        if record is not None:
+            r.log(f"finished in {time.perf_counter() - start:.0f}s: val top-1 {record['val_acc1']:.2f}%, "
+                  f"top-5 {record['val_acc5']:.2f}%; weights: {path}")
+        return record
+    finally:
+        writer.close()
+
+
+def evaluate_only(r: Run, ckpt: Path | None) -> dict:
+    cfg = r.cfg
+    if ckpt is not None:
+        saved = checkpoint.read_train_state(ckpt)
+        checkpoint.check_compatible(saved, model=cfg.model, num_classes=cfg.num_classes,
+                                    global_batch=saved.get("global_batch"), ckpt=ckpt)
+        checkpoint.load_model_weights(ckpt, r.model)
+        source = ckpt
+    else:
+        source = cfg.checkpoint
+    val = engine.evaluate(r.model, r.val_loader, r.env, cfg.input_size)
+    skipped = f" ({val['val_skipped']} unreadable images skipped)" if val["val_skipped"] else ""
+    r.log(f"{cfg.model} from {source} on {val['val_images']} val images at {cfg.input_size}px: top-1 "
+          f"{val['val_acc1']:.2f}%  top-5 {val['val_acc5']:.2f}%  loss {val['val_loss']:.4f}{skipped}")
+    return val
+
+
+KNOWN_ERRORS = (ConfigError, DataError, checkpoint.ResumeError, stvit.CheckpointError, engine.NonFiniteLossError)
+
+
+def main_entry(cfg: TrainConfig) -> int:
+    """Initialise the process group, run, and turn known failures into one clear line on stderr."""
+    env = distributed.init_distributed()
+    try:
+        run(cfg, env)
+        return 0
+    except KNOWN_ERRORS as e:
+        prefix = f"[rank {env.rank}] " if env.world_size > 1 else ""
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        distributed.shutdown()
