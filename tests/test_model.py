@@ -86,16 +86,21 @@ def test_invalid_input_errors_name_the_argument():
         stvit.create_model("tiny", num_heads=[1, 2])
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
+def test_grad_checkpointing_gives_the_same_gradients_and_running_stats():
     torch.manual_seed(0)
     model = stvit.create_model("tiny").double()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(2, 3, 40, 56, dtype=torch.float64)
-    grads = []
+    grads, buffers = [], []
     for enable in (False, True):
+        model.load_state_dict(initial)
         model.set_grad_checkpointing(enable)
         model.zero_grad()
         model(x).square().sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
+        buffers.append({k: v.clone() for k, v in model.named_buffers()})
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+    # Recomputation in backward must not update BatchNorm running statistics a second time.
+    torch.testing.assert_close(buffers[0], buffers[1], rtol=0, atol=0)
     assert stvit.create_model("large").default_checkpoint_num == [4, 7, 15, 0]
