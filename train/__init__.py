@@ -1,4 +1,9 @@
-"""Training for STViT: ``python -m train``.
+"""Training for STViT: ``python -m train`` (demo) and ``torchrun ... -m train --model large``.
+
+Run side: ``train.config`` (flags, recipe presets), ``train.loop`` (the run: data, model, resume,
+epochs), ``train.engine`` (training step, evaluation), ``train.distributed`` (process group, FSDP2),
+``train.optim`` (AdamW groups, EMA), ``train.schedule`` (warm-up + cosine), ``train.checkpoint``
+(atomic distributed checkpoints, ``model_final.pt``), ``train.metrics`` (metrics.jsonl, TensorBoard).
 
 Data side: ``train.data`` (ImageFolder, build_datasets), ``train.transforms`` / ``train.augment``
 (DeiT-style augmentation on Pillow + torch), ``train.mixup`` (Mixup/CutMix, soft-target loss),
