@@ -122,8 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train or evaluate STViT. With no arguments: a few-minute CPU demo (stvit_tiny on a "
                     "built-in synthetic dataset). ImageNet: torchrun --nproc_per_node 8 -m train --model "
                     "large --data-path /imagenet. Options left out take the values of the preset "
-                    "(paper / finetune / demo); the resolved configuration is printed and saved.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "(paper / finetune / demo); the resolved configuration is printed and saved.")
     a = p.add_argument
     a("--model", default=None, help="tiny | small | base | large (or stvit_*); default: tiny for the demo, "
       "small otherwise")
