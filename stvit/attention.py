@@ -31,23 +31,43 @@ EPS = 1e-12  # the authors' guard in the column normalisation
 
 def gather_neighbours(grid: torch.Tensor) -> torch.Tensor:
     """(B, C, hh, ww) super-token grid -> (B, hh·ww, 9, C): each cell's 3×3 neighbours, zeros outside."""
-    hh, ww = grid.shape[-2:]
-    padded = F.pad(grid, (1, 1, 1, 1))
-    views = [padded[:, :, 1 + dy : 1 + dy + hh, 1 + dx : 1 + dx + ww] for dy, dx in NEIGHBOUR_OFFSETS]
-    return rearrange(torch.stack(views, dim=1), "b k c y x -> b (y x) k c")
+    B, C, hh, ww = grid.shape
+    # Work on the (B, hh, ww, C) view: free for channels-last grids, and stacking the nine
+    # shifted views along dim 3 yields the (cell, slot, channel) layout with a single copy.
+    padded = F.pad(grid.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
+    views = [padded[:, 1 + dy : 1 + dy + hh, 1 + dx : 1 + dx + ww] for dy, dx in NEIGHBOUR_OFFSETS]
+    return torch.stack(views, dim=3).reshape(B, hh * ww, 9, C)
 
 
 def scatter_neighbours(slots: torch.Tensor, hh: int, ww: int) -> torch.Tensor:
-    """Adjoint of :func:`gather_neighbours`: (B, hh·ww, 9, C) -> (B, C, hh, ww).
+    """Adjoint of :func:`gather_neighbours`: (B, hh·ww, 9, C) -> (B, C, hh, ww) (channels-last strides).
 
     Slot k of cell (y, x) is added onto super token (y + dy, x + dx); slots pointing outside
-    the grid (the zero phantoms) are dropped.
+    the grid (the zero phantoms) are dropped. Written as a sum of nine shifted views of the
+    zero-padded slots rather than in-place adds into a buffer: no zero-filled scratch tensor,
+    and ``torch.compile`` turns it into one small fused kernel.
     """
-    slots = rearrange(slots, "b (y x) k c -> k b c y x", y=hh, x=ww)
-    out = slots.new_zeros(slots.shape[1], slots.shape[2], hh + 2, ww + 2)
-    for k, (dy, dx) in enumerate(NEIGHBOUR_OFFSETS):
-        out[:, :, 1 + dy : 1 + dy + hh, 1 + dx : 1 + dx + ww] += slots[k]
-    return out[:, :, 1:-1, 1:-1]
+    B, _, _, C = slots.shape
+    padded = F.pad(slots.reshape(B, hh, ww, 9, C), (0, 0, 0, 0, 1, 1, 1, 1))
+    # Super token (y, x) receives slot k from cell (y - dy, x - dx), at padded index y - dy + 1.
+    shifted = [padded[:, 1 - dy : 1 - dy + hh, 1 - dx : 1 - dx + ww, k]
+               for k, (dy, dx) in enumerate(NEIGHBOUR_OFFSETS)]
+    out = shifted[0]
+    for view in shifted[1:]:
+        out = out + view
+    return out.permute(0, 3, 1, 2)
+
+
+def cell_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for the small per-cell products of super token attention (one side is 9 wide).
+
+    Eagerly a batched GEMM. Under ``torch.compile``, a broadcast multiply and sum instead: inductor
+    fuses that into the neighbouring kernels, while a batched GEMM would be an opaque library call
+    whose operands it may lay out batch-innermost and then copy matrix by matrix.
+    """
+    if torch.compiler.is_compiling():
+        return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+    return a @ b
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -70,11 +90,17 @@ class MultiHeadSelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        qkv = rearrange(self.qkv(x), "b (h three d) y x -> three b h (y x) d", h=self.num_heads, three=3)
-        out = F.scaled_dot_product_attention(
-            qkv[0], qkv[1], qkv[2], dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
-        out = rearrange(out, "b h (y x) d -> b (h d) y x", y=H, x=W)
+        B, C, H, W = x.shape
+        q, k, v = rearrange(self.qkv(x), "b (h three d) y x -> three b h (y x) d", h=self.num_heads, three=3)
+        dropout = self.attn_drop if self.training else 0.0
+        if torch.compiler.is_compiling() and dropout == 0.0:
+            # Under torch.compile, plain matmuls and softmax: inductor fuses the scaling and softmax
+            # and runs the products as (bf16) GEMMs, faster than the fused CPU attention kernel here.
+            out = ((q * self.scale) @ k.transpose(-1, -2)).softmax(-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+        # Back to (B, C, H, W) with channels-last strides, the layout the rest of the model uses.
+        out = out.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)
         return self.proj_drop(self.proj(out))
 
 
@@ -101,31 +127,36 @@ class SuperTokenAttention(nn.Module):
     def sample_refine_upsample(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H0, W0 = x.shape
         h, w = self.stoken_size
-        x = F.pad(x, (0, -W0 % w, 0, -H0 % h))  # right/bottom zeros; padded tokens take part
-        hh, ww = x.shape[-2] // h, x.shape[-1] // w
-        pixels = rearrange(x, "b c (y h) (x w) -> b (y x) (h w) c", h=h, w=w)  # (B, M, n, C)
+        # Token maps are handled as (B, H, W, C) views (free for the model's channels-last maps).
+        x = x.permute(0, 2, 3, 1)
+        if H0 % h or W0 % w:
+            x = F.pad(x, (0, 0, 0, -W0 % w, 0, -H0 % h))  # right/bottom zeros; padded tokens take part
+        hh, ww = x.shape[1] // h, x.shape[2] // w
+        pixels = rearrange(x, "b (y h) (x w) c -> b (y x) (h w) c", h=h, w=w)  # (B, M, n, C)
 
         assoc, norm = self.association(pixels, hh, ww)
         # Super tokens: column-normalised sum of their tokens, S = (Aᵀ X) / (Aᵀ 1); grad flows to X.
-        stokens = scatter_neighbours(torch.einsum("bmnk,bmnc->bmkc", assoc, pixels), hh, ww) / norm
+        stokens = scatter_neighbours(cell_matmul(assoc.transpose(-1, -2), pixels), hh, ww) / norm
         stokens = self.stoken_refine(stokens)
         # Upsample: each token is the association-weighted sum of its 9 refined super tokens.
-        tokens = torch.einsum("bmnk,bmkc->bmnc", assoc, gather_neighbours(stokens))
-        tokens = rearrange(tokens, "b (y x) (h w) c -> b c (y h) (x w)", y=hh, h=h, w=w)
-        return tokens[:, :, :H0, :W0]
+        tokens = cell_matmul(assoc, gather_neighbours(stokens))  # (B, M, n, C)
+        tokens = rearrange(tokens, "b (y x) (h w) c -> b (y h) (x w) c", y=hh, h=h, w=w)
+        return tokens[:, :H0, :W0].permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def association(self, pixels: torch.Tensor, hh: int, ww: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Iterate the soft token-to-super-token association, starting from cell averages.
 
-        Returns the last association (B, M, n, 9) and each super token's total association
-        (B, 1, hh, ww) + EPS, the column normaliser.
+        ``pixels`` is (B, M, n, C). Returns the last association (B, M, n, 9) and each super
+        token's total association (B, 1, hh, ww) + EPS, the column normaliser.
         """
-        stokens = rearrange(pixels.mean(2), "b (y x) c -> b c y x", y=hh)
+        B, M, n, C = pixels.shape
+        stokens = pixels.mean(2).reshape(B, hh, ww, C).permute(0, 3, 1, 2)
         for i in range(self.n_iter):
-            logits = torch.einsum("bmnc,bmkc->bmnk", pixels, gather_neighbours(stokens)) * self.scale
+            # Scale the 9 neighbours rather than the n·9 logits: fewer multiplies, same result.
+            logits = cell_matmul(pixels, (gather_neighbours(stokens) * self.scale).transpose(-1, -2))
             assoc = logits.softmax(-1)
             norm = scatter_neighbours(assoc.sum(2).unsqueeze(-1), hh, ww) + EPS
             if i < self.n_iter - 1:
-                stokens = scatter_neighbours(torch.einsum("bmnk,bmnc->bmkc", assoc, pixels), hh, ww) / norm
+                stokens = scatter_neighbours(cell_matmul(assoc.transpose(-1, -2), pixels), hh, ww) / norm
         return assoc, norm

@@ -1,0 +1,210 @@
+"""``bench throughput``: images per second of each model × batch size × mode, with FLOP utilisation.
+
+Modes (``--modes``; ``authors*`` need ``--authors-code``):
+
+==================  =============================================================================
+eager               our model as a user runs it: fp32, eval, ``torch.no_grad``
+eager-amp           the same under bf16 autocast
+optimized           ``stvit.optimize(model, compile=False)``: BatchNorm folded, channels-last
+compiled            ``stvit.optimize(model)``: + ``torch.compile``; on CUDA + CUDA graphs
+compiled-bf16       ``stvit.optimize(model, torch.bfloat16)``: + bf16 autocast
+train               one fp32 training step: forward, cross-entropy, backward, AdamW
+train-compiled      the same with every block compiled (``block.compile()``, as ``train --compile``)
+authors             the authors' model (same weights, output checked equal), fp32 eval
+authors-amp         the authors' model under bf16 autocast (their AMP)
+authors-train       the authors' model, one fp32 training step
+==================  =============================================================================
+
+FLOPs per image are 2 × the forward MACs (``stvit.count_macs``); a training step counts 3× the
+forward (backward ≈ 2× forward). Utilisation (MFU) is achieved FLOP/s over the matmul peak
+measured in the same run (fp32 peak for fp32 modes, bf16 peak for bf16 modes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import stvit
+from stvit.optimize import optimize
+
+from .common import (MEMORY_METHOD, BenchError, format_table, machine_info, matmul_peak_flops, mib, peak_memory,
+                     pick_device, summarize, synchronize, write_json)
+
+MODES = ("eager", "eager-amp", "optimized", "compiled", "compiled-bf16", "train", "train-compiled",
+         "authors", "authors-amp", "authors-train")
+BF16_MODES = {"eager-amp", "compiled-bf16", "authors-amp"}
+TRAIN_MODES = {"train", "train-compiled", "authors-train"}
+# Which authors' mode each of ours is compared with.
+BASELINE = {"eager": "authors", "optimized": "authors", "compiled": "authors", "eager-amp": "authors-amp",
+            "compiled-bf16": "authors-amp", "train": "authors-train", "train-compiled": "authors-train"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", nargs="+", default=["small"], help="model names (default: small)")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
+                   help="batch sizes (default: 8 on CPU, 256 on CUDA)")
+    p.add_argument("--size", type=int, default=224, help="square input size (default: 224)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                   help="modes to run (default: eager compiled compiled-bf16 train, plus authors authors-amp "
+                        "authors-train with --authors-code)")
+    p.add_argument("--authors-code", metavar="PATH", help="the authors' models/stvit.py (github.com/hhb072/STViT)")
+    p.add_argument("--runs", type=int, default=5, help="timed rounds; each round runs every mode once (default: 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls, compilation included (default: 2)")
+    p.add_argument("--min-time", type=float, default=0.0, help="keep timing rounds for at least this many seconds")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
+def default_modes(device: torch.device, authors: bool) -> list[str]:
+    modes = ["eager", "compiled", "compiled-bf16", "train"]
+    if authors:
+        modes += ["authors", "authors-amp", "authors-train"]
+    return modes
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = pick_device(args.device)
+    modes = args.modes or default_modes(device, bool(args.authors_code))
+    if any(m.startswith("authors") for m in modes) and not args.authors_code:
+        raise BenchError("the authors* modes need --authors-code PATH/TO/models/stvit.py "
+                         "(a checkout of github.com/hhb072/STViT)")
+    batch_sizes = args.batch_sizes or ([256] if device.type == "cuda" else [8])
+    peaks = {torch.float32: matmul_peak_flops(device, torch.float32)}
+    if BF16_MODES & set(modes):
+        peaks[torch.bfloat16] = matmul_peak_flops(device, torch.bfloat16)
+
+    rows = []
+    for name in args.models:
+        canonical = stvit.resolve_name(name)
+        torch.manual_seed(0)
+        ours = stvit.create_model(canonical).to(device).eval()
+        theirs = None
+        if any(m.startswith("authors") for m in modes):
+            from .authors import load_authors_twin
+            theirs = load_authors_twin(args.authors_code, ours, stvit.model_config(canonical)).to(device).eval()
+        flops_per_image = 2 * stvit.count_macs(ours, (ours.in_chans, args.size, args.size))
+        for batch in batch_sizes:
+            x = torch.randn(batch, ours.in_chans, args.size, args.size, device=device)
+            for row in measure_modes(modes, ours, theirs, x, device, args):
+                dtype = torch.bfloat16 if row["mode"] in BF16_MODES else torch.float32
+                flops = flops_per_image * (3 if row["mode"] in TRAIN_MODES else 1)
+                achieved = row["img_per_s"] * flops
+                rows.append(dict(model=canonical, batch=batch, size=args.size, **row,
+                                 dtype=str(dtype).removeprefix("torch."), gflop_per_img=flops / 1e9,
+                                 achieved_gflops=achieved / 1e9, mfu=achieved / peaks[dtype]))
+            add_speedups(rows)
+    # The peak is measured again at the end and the better of the two kept: a busy moment during
+    # one measurement must not make every utilisation look better than it is.
+    for dtype in peaks:
+        again = matmul_peak_flops(device, dtype)
+        if again > peaks[dtype]:
+            for r in rows:
+                if r["dtype"] == str(dtype).removeprefix("torch."):
+                    r["mfu"] *= peaks[dtype] / again
+            peaks[dtype] = again
+    print(format_table(rows, COLUMNS))
+    print(f"MFU against the measured matmul peak on {device.type} ({torch.get_num_threads()} threads): "
+          + ", ".join(f"{str(k).removeprefix('torch.')} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
+    result = dict(command="throughput", machine=machine_info(device), memory_method=MEMORY_METHOD[device.type],
+                  matmul_peak_gflops={str(k).removeprefix("torch."): v / 1e9 for k, v in peaks.items()},
+                  rows=rows)
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+COLUMNS = [("model", "model"), ("batch", "batch"), ("mode", "mode"), ("img_per_s", "img/s"),
+           ("img_per_s_min", "img/s (slowest)"), ("img_per_s_max", "img/s (fastest)"), ("peak_mib", "peak MiB"),
+           ("mfu", "MFU"), ("speedup", "× authors"), ("compile_s", "warm-up s")]
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Each row's throughput over its authors' counterpart (same model and batch), where measured."""
+    index = {(r["model"], r["batch"], r["mode"]): r for r in rows}
+    for r in rows:
+        base = index.get((r["model"], r["batch"], BASELINE.get(r["mode"], "")))
+        r["speedup"] = r["img_per_s"] / base["img_per_s"] if base else None
+
+
+def measure_modes(modes: list[str], ours: nn.Module, theirs: nn.Module | None, x: torch.Tensor,
+                  device: torch.device, args: argparse.Namespace) -> list[dict]:
+    """Warm up every mode (compiling where it compiles), then time the modes in turns, one call of
+    each per round, so that a change in the machine's load affects all of them alike; finally
+    measure each mode's peak memory in one more call."""
+    steps, warmup_s = {}, {}
+    for mode in modes:
+        steps[mode] = build_step(mode, ours, theirs, x, device)
+        t0 = time.perf_counter()
+        for _ in range(max(1, args.warmup)):
+            steps[mode]()
+        synchronize(device)
+        warmup_s[mode] = time.perf_counter() - t0
+    samples: dict[str, list[float]] = {mode: [] for mode in modes}
+    start = time.perf_counter()
+    while len(samples[modes[-1]]) < args.runs or time.perf_counter() - start < args.min_time:
+        for mode in modes:
+            t0 = time.perf_counter()
+            steps[mode]()
+            synchronize(device)
+            samples[mode].append(time.perf_counter() - t0)
+    rows, batch = [], x.shape[0]
+    for mode in modes:
+        with peak_memory(device) as mem:
+            steps[mode]()
+        timing = summarize(samples[mode])
+        rows.append(dict(mode=mode, img_per_s=batch / timing.median_s, img_per_s_min=batch / timing.max_s,
+                         img_per_s_max=batch / timing.min_s, median_ms=timing.median_s * 1e3,
+                         iqr_ms=timing.iqr_s * 1e3, runs=timing.runs, peak_mib=mib(mem["peak_bytes"]),
+                         compile_s=warmup_s[mode],
+                         cuda_graphs=device.type == "cuda" and mode in ("compiled", "compiled-bf16")))
+    return rows
+
+
+def build_step(mode: str, ours: nn.Module, theirs: nn.Module | None, x: torch.Tensor,
+               device: torch.device) -> Callable[[], object]:
+    """A zero-argument callable running one batch in ``mode``; its ``.model`` is the module it runs."""
+    if mode in ("eager", "authors", "eager-amp", "authors-amp"):
+        model = ours if mode.startswith("eager") else theirs
+        amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode.endswith("-amp"))
+
+        def step():
+            with torch.no_grad(), amp:
+                return model(x)
+    elif mode in ("optimized", "compiled", "compiled-bf16"):
+        dtype = torch.bfloat16 if mode == "compiled-bf16" else torch.float32
+        fast = optimize(ours, dtype, compile=mode != "optimized")
+        model = fast.model
+
+        def step():
+            return fast(x)
+    elif mode in TRAIN_MODES:
+        model = copy.deepcopy(theirs if mode == "authors-train" else ours).train()
+        if mode == "train-compiled":
+            for stage in model.layers:
+                for block in stage.blocks:
+                    block.compile()
+        step = train_step(model, x)
+    else:
+        raise BenchError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    step.model = model
+    return step
+
+
+def train_step(model: nn.Module, x: torch.Tensor) -> Callable[[], float]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    target = torch.randint(0, model.num_classes, (x.shape[0],), device=x.device,
+                           generator=torch.Generator(x.device).manual_seed(0))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        optimizer.step()
+        return loss
+    return step

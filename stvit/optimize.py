@@ -1,0 +1,214 @@
+"""Inference fast path: ``optimize(model)`` folds BatchNorm, picks the layout, compiles, and on CUDA
+replays CUDA graphs.
+
+What is folded (eval-mode BatchNorm is a per-channel affine map y = s·x + t, s = γ/√(σ²+ε),
+t = β − μ·s, so it merges exactly into an adjacent linear map):
+
+- ``Downsample``: conv -> BN, folded backward into the conv (W' = s·W, b' = s·b + t);
+- the head: ``proj`` (1×1 conv) -> ``norm`` (BN), folded backward into ``proj``;
+- each block: ``norm2`` (BN) -> ``mlp2.fc1`` (1×1 conv), folded forward into ``fc1``
+  (W' = W·diag(s), b' = b + W·t): exact because a 1×1 conv has no padding.
+
+What is not folded: the stem's conv -> GELU -> BN -> conv. The BN cannot go backward (the GELU is in
+between) and cannot go forward into the next 3×3 conv exactly: that conv zero-pads its input, and
+the padded zeros would become t after folding, changing the border outputs. The same holds for the
+stem's last BN and the first block's padded depthwise conv.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .model import Downsample, STTBlock, STViT
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+# ---- BatchNorm folding --------------------------------------------------------------------------
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, t) with bn(x) = s·x + t per channel in eval mode, computed in float64."""
+    var = bn.running_var.double()
+    s = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        s = s * bn.weight.double()
+    t = -bn.running_mean.double() * s
+    if bn.bias is not None:
+        t = t + bn.bias.double()
+    return s, t
+
+
+def _new_conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    out = copy.deepcopy(conv)
+    dtype = conv.weight.dtype
+    out.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    out.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+    return out
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A conv equal to ``bn(conv(x))`` with ``bn`` in eval mode (any kernel, padding, groups)."""
+    if bn.running_mean is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+    s, t = _bn_affine(bn)
+    w = conv.weight.double() * s.view(-1, 1, 1, 1)
+    b = conv.bias.double() if conv.bias is not None else torch.zeros_like(s)
+    return _new_conv_like(conv, w, s * b + t)
+
+
+def fold_bn_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
+    """A conv equal to ``conv(bn(x))`` with ``bn`` in eval mode; only for unpadded, ungrouped convs,
+    where every output sees no padding and the per-channel shift moves exactly into the bias."""
+    if conv.groups != 1 or any(p != 0 for p in conv.padding) or conv.padding_mode != "zeros":
+        raise ValueError("folding a BatchNorm forward is exact only into an unpadded, ungrouped conv")
+    if bn.running_mean is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+    s, t = _bn_affine(bn)
+    w = conv.weight.double()
+    b = conv.bias.double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    return _new_conv_like(conv, w * s.view(1, -1, 1, 1), b + w.sum((2, 3)) @ t)
+
+
+def fold_batchnorms(model: STViT) -> list[str]:
+    """Fold every exactly foldable eval-mode BatchNorm of ``model`` in place (see the module doc).
+
+    Each folded BatchNorm is replaced by ``nn.Identity``; returns the names of the folded ones.
+    The model must be in eval mode: training-mode BatchNorm uses batch statistics, not an affine map.
+    """
+    if model.training:
+        raise ValueError("fold_batchnorms needs an eval-mode model (call model.eval() first): a training-mode "
+                         "BatchNorm normalises with batch statistics and cannot be folded")
+    folded = []
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):  # a list: we swap children as we go
+            if isinstance(module, Downsample) and isinstance(module.proj[1], nn.BatchNorm2d):
+                module.proj[0] = fold_conv_bn(module.proj[0], module.proj[1])
+                module.proj[1] = nn.Identity()
+                folded.append(f"{name}.proj.1")
+            elif isinstance(module, STTBlock) and isinstance(module.norm2, nn.BatchNorm2d):
+                module.mlp2.fc1 = fold_bn_conv(module.norm2, module.mlp2.fc1)
+                module.norm2 = nn.Identity()
+                folded.append(f"{name}.norm2")
+        if (isinstance(model, STViT) and not model.features_only and isinstance(model.proj, nn.Conv2d)
+                and isinstance(model.norm, nn.BatchNorm2d)):
+            model.proj = fold_conv_bn(model.proj, model.norm)
+            model.norm = nn.Identity()
+            folded.append("norm")
+    return folded
+
+
+# ---- the optimized inference model ---------------------------------------------------------------
+
+class OptimizedModel(nn.Module):
+    """What :func:`optimize` returns: a frozen inference copy of an STViT, called like the original.
+
+    Inputs may be any float dtype and layout; they are converted to the model's device and
+    channels-last layout. Outputs (logits, or the list of stage maps of a ``features_only``
+    model) are float32 whatever the compute dtype, and are fresh tensors (never a CUDA graph's
+    reused output buffer).
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, compiled: bool, cuda_graphs: bool,
+                 folded_batchnorms: list[str]):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        self.compiled = compiled
+        self.cuda_graphs = cuda_graphs
+        self.folded_batchnorms = folded_batchnorms
+        self.device = next(model.parameters()).device
+        # Set past nn.Module's bookkeeping: the compiled wrapper is not a second submodule (it would
+        # duplicate every state-dict key); it only wraps self.model.
+        object.__setattr__(self, "_run", _compile(model, cuda_graphs) if compiled else model)
+        # Weight freezing (CPU): weights become constants, so inductor prepacks them for oneDNN, fuses
+        # bias/GELU/residual adds into the convolutions and folds the autocast weight casts. It must be
+        # on whenever a call may (re)compile; torch.compile(options=...) does not reach it, so patch.
+        self._freezing = compiled and not cuda_graphs and self.device.type == "cpu"
+        super().train(False)
+
+    def forward(self, x: torch.Tensor):
+        if hasattr(self.model, "check_input"):
+            self.model.check_input(x)  # clear errors before tracing/compiling, not from deep inside
+        x = x.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        with torch.no_grad(), autocast:
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: earlier outputs are ours
+            if self._freezing:
+                from torch._inductor import config as inductor_config  # imported only when compiling
+
+                with inductor_config.patch(freezing=True):
+                    out = self._run(x)
+            else:
+                out = self._run(x)
+        # Clone: CUDA graph replays overwrite their output buffers; float: one output dtype for callers.
+        if isinstance(out, (list, tuple)):
+            return [o.float().clone() if self.cuda_graphs else o.float() for o in out]
+        return out.float().clone() if self.cuda_graphs else out.float()
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError("an optimized model is for inference only (BatchNorm is folded, weights are "
+                               "frozen); train the original model and call stvit.optimize() again")
+        return super().train(False)
+
+    def extra_repr(self) -> str:
+        return (f"dtype={self.dtype}, compiled={self.compiled}, cuda_graphs={self.cuda_graphs}, "
+                f"folded_batchnorms={len(self.folded_batchnorms)}")
+
+
+def _compile(model: nn.Module, cuda_graphs: bool) -> Callable:
+    # dynamic=False: every new input shape gets its own static-shape compilation (the fastest
+    # kernels, never a kernel specialised for another shape); past torch._dynamo's recompile
+    # limit the model runs eagerly, still correct. "reduce-overhead" records one CUDA graph per shape.
+    if cuda_graphs:
+        return torch.compile(model, mode="reduce-overhead", dynamic=False)
+    return torch.compile(model, dynamic=False)
+
+
+def optimize(model: nn.Module, dtype: torch.dtype = torch.float32, *, compile: bool = True,
+             cuda_graphs: bool | None = None, fold_bn: bool = True) -> OptimizedModel:
+    """A fast inference copy of ``model`` (the caller's model is not modified).
+
+    - eval mode, no gradients, exact BatchNorm folding (see :func:`fold_batchnorms`);
+    - channels-last weights and inputs (the layout the model computes in; several times faster
+      for its depthwise and 1×1 convolutions than NCHW on CPU with oneDNN, and the tensor-core
+      layout of cuDNN);
+    - ``dtype=torch.bfloat16``: bf16 autocast (matmuls and convolutions in bf16, softmax and
+      norms in float32); outputs are returned as float32;
+    - ``compile``: ``torch.compile`` with inductor (on CPU with weight freezing); a new input
+      shape recompiles;
+    - ``cuda_graphs`` (default: on when compiling on a CUDA device): the compiled model is replayed
+      as CUDA graphs ("reduce-overhead"), one per input shape, removing per-kernel launch costs.
+
+    Outputs match the eager float32 model within float32 rounding (bf16: about 1e-2 relative).
+    """
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype={dtype} is not supported; use torch.float32 or torch.bfloat16")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize() takes an nn.Module, got {type(model).__name__}")
+    if isinstance(model, OptimizedModel):
+        raise ValueError("the model is already optimized; pass the original model")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("the model has no parameters; expected an STViT")
+    device = params[0].device
+    if cuda_graphs is None:
+        cuda_graphs = compile and device.type == "cuda"
+    if cuda_graphs and (device.type != "cuda" or not compile):
+        raise ValueError("cuda_graphs=True needs a model on a CUDA device and compile=True")
+
+    model = copy.deepcopy(model).eval()
+    model.requires_grad_(False)
+    folded = fold_batchnorms(model) if fold_bn else []
+    model = model.to(memory_format=torch.channels_last)
+    if params[0].dtype != torch.float32:
+        warnings.warn(f"the model's parameters are {params[0].dtype}; optimize() computes in float32 "
+                      f"(or bf16 autocast), converting a copy", stacklevel=2)
+        model = model.float()
+    return OptimizedModel(model, dtype, compile, cuda_graphs, folded)

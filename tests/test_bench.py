@@ -1,0 +1,184 @@
+"""`python -m bench`: every subcommand runs on a tiny configuration and writes the documented JSON."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import stvit
+from bench import __main__ as cli
+from bench.authors import AuthorsCodeError, check_same_output, import_authors_module, load_authors_twin
+from bench.common import format_table, peak_memory, summarize, write_json
+from bench.plot import Panel, Series, save_loglog
+
+# The authors' models/stvit.py is not part of this project; these tests use a local copy if there is one.
+AUTHORS_CODE = Path(os.environ.get("STVIT_AUTHORS_CODE", "/tmp/stvit-authors/models/stvit.py"))
+needs_authors = pytest.mark.skipif(not AUTHORS_CODE.is_file(),
+                                   reason=f"the authors' models/stvit.py is not at {AUTHORS_CODE} "
+                                          f"(set STVIT_AUTHORS_CODE)")
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():  # --threads changes torch's global thread count
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_flops_json_has_paper_columns(tmp_path):
+    out = tmp_path / "flops.json"
+    cli.main(["flops", "--default-allocator", "--models", "tiny", "--sizes", "64", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["command"] == "flops"
+    (row,) = result["rows"]
+    assert set(row) == {"model", "size", "params_m", "macs_g", "paper_params_m", "paper_macs_g"}
+    model = stvit.create_model("tiny")
+    assert row["params_m"] == pytest.approx(stvit.count_params(model) / 1e6)
+    assert row["macs_g"] == pytest.approx(stvit.count_macs(model, (3, 64, 64)) / 1e9)
+    assert row["paper_macs_g"] is None  # the paper has no tiny model
+
+
+def test_paper_values_are_the_papers():
+    from bench.flops import PAPER
+    assert PAPER[("stvit_small", 224)] == dict(params_m=25.0, macs_g=4.4)
+    assert PAPER[("stvit_large", 224)] == dict(params_m=95.0, macs_g=15.6)
+
+
+THROUGHPUT_FIELDS = {"model", "batch", "size", "mode", "img_per_s", "img_per_s_min", "img_per_s_max", "median_ms",
+                     "iqr_ms", "runs", "peak_mib", "compile_s", "dtype", "gflop_per_img", "achieved_gflops", "mfu",
+                     "speedup", "cuda_graphs"}
+
+
+def test_throughput_json_fields(tmp_path):
+    out = tmp_path / "tp.json"
+    cli.main(["throughput", "--default-allocator", "--device", "cpu", "--threads", "2", "--models", "tiny", "--size", "32",
+              "--batch-sizes", "2", "--modes", "eager", "optimized", "train", "--runs", "2", "--warmup", "1",
+              "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert {"command", "machine", "memory_method", "matmul_peak_gflops", "rows"} <= set(result)
+    assert result["machine"]["threads"] == 2
+    assert [r["mode"] for r in result["rows"]] == ["eager", "optimized", "train"]
+    for r in result["rows"]:
+        assert set(r) == THROUGHPUT_FIELDS
+        assert r["img_per_s_min"] <= r["img_per_s"] <= r["img_per_s_max"]
+        assert 0 < r["mfu"] < 1.5
+        assert r["peak_mib"] > 0
+        assert r["speedup"] is None  # no authors' rows to compare with
+    eager, _, train = result["rows"]
+    assert train["gflop_per_img"] == pytest.approx(3 * eager["gflop_per_img"])  # backward ≈ 2× forward
+
+
+def test_throughput_authors_modes_need_the_code():
+    with pytest.raises(SystemExit, match="--authors-code"):
+        cli.main(["throughput", "--default-allocator", "--models", "tiny", "--modes", "authors"])
+
+
+@needs_authors
+def test_throughput_against_the_authors(tmp_path):
+    out = tmp_path / "tp.json"
+    cli.main(["throughput", "--default-allocator", "--device", "cpu", "--models", "tiny", "--size", "32", "--batch-sizes", "2",
+              "--modes", "eager", "authors", "--runs", "2", "--warmup", "1", "--authors-code", str(AUTHORS_CODE),
+              "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    eager, authors = rows
+    assert eager["speedup"] == pytest.approx(eager["img_per_s"] / authors["img_per_s"])
+
+
+@needs_authors
+def test_authors_twin_gives_our_output():
+    torch.manual_seed(0)
+    ours = stvit.create_model("tiny").eval()
+    for m in ours.modules():  # non-trivial BatchNorm statistics, so the check means something
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    theirs = load_authors_twin(AUTHORS_CODE, ours, stvit.model_config("tiny"))
+    assert check_same_output(ours, theirs) < 1e-4
+    with torch.no_grad():  # a different weight must be caught
+        next(theirs.parameters()).add_(0.5)
+    with pytest.raises(AuthorsCodeError, match="disagree"):
+        check_same_output(ours, theirs)
+
+
+def test_authors_code_errors_are_clear(tmp_path):
+    with pytest.raises(AuthorsCodeError, match="no such file"):
+        import_authors_module(tmp_path / "missing.py")
+    bogus = tmp_path / "stvit.py"
+    bogus.write_text("x = 1\n")
+    with pytest.raises(AuthorsCodeError, match="defines no STViT"):
+        import_authors_module(bogus)
+
+
+def test_scaling_json_plot_and_budget_skip(tmp_path):
+    out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    cli.main(["scaling", "--default-allocator", "--device", "cpu", "--sides", "8", "16", "--dim", "16", "--heads", "2",
+              "--stoken-size", "4", "--runs", "1", "--memory-budget-gib", "0.0003", "--plot", str(png),
+              "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["config"] == dict(dim=16, heads=2, stoken_size=4, batch=1)
+    rows = {(r["method"], r["pass"], r["side"]): r for r in result["rows"]}
+    assert len(rows) == 3 * 2 * 2
+    ok = rows[("super-token", "forward+backward", 16)]
+    assert ok["status"] == "ok" and ok["ms"] > 0 and ok["peak_mib"] > 0
+    # dense global attention at 16² tokens needs 4·2·256²·4 B = 2 MiB > the 0.3 MiB budget
+    assert rows[("global", "forward+backward", 16)]["status"].startswith("skipped")
+    assert rows[("global-fused", "forward", 16)]["status"] == "ok"
+    with Image.open(png) as img:
+        assert img.size[0] > img.size[1] > 100
+
+
+def test_profile_writes_loadable_traces(tmp_path):
+    out = tmp_path / "prof"
+    summary = tmp_path / "profile.json"
+    cli.main(["profile", "--default-allocator", "--device", "cpu", "--model", "tiny", "--size", "32", "--batch", "1", "--steps", "1",
+              "--out", str(out), "--json", str(summary)])
+    trace = json.loads((out / "trace.json").read_text())
+    assert any(e.get("name") == "stvit::attention" for e in trace["traceEvents"])
+    assert list((out / "tensorboard").glob("*.pt.trace.json"))
+    result = json.loads(summary.read_text())
+    shares = {r["category"]: r["share"] for r in result["shares"]}
+    assert set(shares) == {"attention", "conv", "norm", "rest"}
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares["attention"] > 0 and shares["conv"] > 0
+    assert result["top_ops"] and all(not op["name"].startswith("stvit::") for op in result["top_ops"])
+
+
+def test_bad_arguments_exit_with_a_message():
+    with pytest.raises(SystemExit, match="unknown model"):
+        cli.main(["flops", "--default-allocator", "--models", "huge"])
+    with pytest.raises(SystemExit, match="threads"):
+        cli.main(["flops", "--default-allocator", "--threads", "0"])
+
+
+def test_timing_summary_and_table():
+    t = summarize([0.3, 0.1, 0.2, 0.4, 0.5])
+    assert (t.median_s, t.min_s, t.max_s, t.runs) == (0.3, 0.1, 0.5, 5)
+    assert t.iqr_s > 0
+    table = format_table([dict(a="x", b=1.5), dict(a="yy", b=None)], [("a", "A"), ("b", "B")])
+    assert table.splitlines()[0].split() == ["A", "B"] and "—" in table
+
+
+def test_cpu_peak_memory_sees_allocations():
+    def peak(together: bool) -> int:
+        with peak_memory(torch.device("cpu")) as mem:
+            a = torch.ones(1 << 20)  # 4 MiB
+            if not together:
+                del a
+            b = torch.ones(1 << 20)
+            del b
+        return mem["peak_bytes"]
+
+    alone, together = peak(False), peak(True)
+    assert alone >= 4 * 2 ** 20
+    assert together - alone == pytest.approx(4 * 2 ** 20, rel=0.01)  # the second live buffer counts
+
+
+def test_json_and_png_written_atomically(tmp_path):
+    write_json(tmp_path / "a" / "r.json", {"x": 1})
+    assert json.loads((tmp_path / "a" / "r.json").read_text()) == {"x": 1}
+    save_loglog([Panel("t", "x", "y", [Series("s", [(1, 1), (10, 100)])])], tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").size == (560, 420)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -1,0 +1,172 @@
+"""stvit.optimize: exact BatchNorm folding, outputs equal to eager, compiled blocks for training.
+
+Tolerances: float32 paths agree with the eager float32 model to 1e-4 of the logits' scale (float32
+rounding through ~20 layers with reordered sums); bf16 autocast to 5e-2 of the scale (8-bit
+mantissa); BatchNorm folding in float64 to 1e-10.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import stvit
+from stvit.optimize import OptimizedModel, fold_batchnorms, fold_bn_conv, fold_conv_bn, optimize
+
+FP32_TOL = 1e-4
+BF16_TOL = 5e-2
+
+# Smaller than stvit_tiny: as few distinct kernels as possible, because torch.compile is slow.
+MICRO = dict(embed_dim=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4], stoken_size=[2, 2, 1, 1],
+             projection=32, num_classes=5, drop_path_rate=0.0)
+
+
+def randomize_batchnorms(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so folding has something to fold."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model
+
+
+def micro_model(**overrides) -> stvit.STViT:
+    torch.manual_seed(0)
+    return randomize_batchnorms(stvit.STViT(**{**MICRO, **overrides})).eval()
+
+
+def assert_close_to(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    scale = ref.abs().max().item()
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= tol * scale, f"max error {err:.3g} > {tol:g} × scale {scale:.3g}"
+
+
+def test_fold_batchnorms_is_exact_in_float64():
+    model = micro_model(layerscale=[False, False, True, True]).double()
+    folded = copy.deepcopy(model)
+    names = fold_batchnorms(folded)
+    # Every Downsample BN, every block's norm2, the head norm; the stem's BNs are not foldable.
+    assert names == ["layers.0.blocks.0.norm2", "layers.0.downsample.proj.1", "layers.1.blocks.0.norm2",
+                     "layers.1.downsample.proj.1", "layers.2.blocks.0.norm2", "layers.2.downsample.proj.1",
+                     "layers.3.blocks.0.norm2", "norm"]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 4  # the stem's
+    x = torch.randn(2, 3, 45, 37, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=0, atol=1e-10)
+
+
+def test_fold_helpers_match_the_layers_they_replace():
+    torch.manual_seed(0)
+    bn = randomize_batchnorms(nn.Sequential(nn.BatchNorm2d(6))).eval().double()[0]
+    conv = nn.Conv2d(4, 6, 3, 2, 1).double()
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fold_conv_bn(conv, bn)(x), bn(conv(x)), rtol=0, atol=1e-12)
+        conv1 = nn.Conv2d(6, 5, 1).double()
+        y = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+        torch.testing.assert_close(fold_bn_conv(bn, conv1)(y), conv1(bn(y)), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="unpadded"):
+        fold_bn_conv(bn, nn.Conv2d(6, 5, 3, padding=1))  # the padded border would change
+
+
+def test_fold_needs_eval_mode():
+    with pytest.raises(ValueError, match="eval"):
+        fold_batchnorms(micro_model().train())
+
+
+def test_optimize_leaves_the_callers_model_alone():
+    model = micro_model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = optimize(model, compile=False)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert isinstance(model.norm, nn.BatchNorm2d)
+    assert not fast.training and not any(p.requires_grad for p in fast.parameters())
+    with pytest.raises(RuntimeError, match="inference only"):
+        fast.train()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
+def test_optimized_eager_matches_the_model(dtype, tol):
+    model = micro_model()
+    fast = optimize(model, dtype, compile=False)
+    for shape in [(2, 3, 64, 64), (1, 3, 45, 37)]:  # odd sizes: padded super-token grids
+        x = torch.randn(shape)
+        with torch.no_grad():
+            ref = model(x)
+        out = fast(x)
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        assert_close_to(out, ref, tol)
+
+
+def test_optimized_features_only_backbone():
+    model = micro_model(features_only=True, out_indices=(1, 3))
+    x = torch.randn(1, 3, 40, 48)
+    with torch.no_grad():
+        refs = model(x)
+    outs = optimize(model, compile=False)(x)
+    assert len(outs) == 2
+    for out, ref in zip(outs, refs):
+        assert_close_to(out, ref, FP32_TOL)
+
+
+def test_optimize_rejects_bad_arguments():
+    model = micro_model()
+    with pytest.raises(ValueError, match="float32 or torch.bfloat16"):
+        optimize(model, torch.float16)
+    with pytest.raises(ValueError, match="CUDA"):
+        optimize(model, cuda_graphs=True)
+    with pytest.raises(ValueError, match="already optimized"):
+        optimize(optimize(model, compile=False))
+    with pytest.raises(ValueError, match="4-D"):
+        optimize(model, compile=False)(torch.randn(3, 32, 32))
+
+
+def test_compiled_matches_eager_and_recompiles_for_a_new_shape():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    # Two stages (a super-token one and a global-attention one): the fewest kernels to compile.
+    model = micro_model(embed_dim=[8, 16], depths=[1, 1], num_heads=[1, 2], stoken_size=[2, 1], n_iter=1,
+                        layerscale=False, checkpoint_num=0, projection=16)
+    fast = optimize(model)  # fp32, torch.compile (CPU: with weight freezing)
+    graphs = counters["stats"]["unique_graphs"]
+    for shape in [(2, 3, 32, 32), (1, 3, 36, 28)]:  # the second shape must recompile, not reuse the first
+        x = torch.randn(shape)
+        with torch.no_grad():
+            ref = model(x)
+        assert_close_to(fast(x), ref, FP32_TOL)
+    assert counters["stats"]["unique_graphs"] - graphs == 2
+
+
+def test_compiled_block_trains_like_the_eager_block():
+    """``block.compile()`` (as ``train --compile`` does): no graph breaks, same outputs and gradients."""
+    torch._dynamo.reset()
+    model = micro_model().train()
+    block = model.layers[0].blocks[0]  # a super token attention block (2×2 cells)
+    x = torch.randn(2, 8, 11, 9)  # odd sides: the padded-grid path
+    explanation = torch._dynamo.explain(block)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    eager = copy.deepcopy(block)
+    block.compile()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = block(xa), eager(xb)
+    assert_close_to(out, ref, FP32_TOL)
+    weights = torch.randn_like(ref)
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert_close_to(xa.grad, xb.grad, FP32_TOL)
+    for p, q in zip(block.parameters(), eager.parameters()):
+        assert_close_to(p.grad, q.grad, FP32_TOL)
+
+
+def test_optimized_model_repr():
+    fast = optimize(micro_model(), compile=False)
+    assert isinstance(fast, OptimizedModel)
+    assert "folded_batchnorms=8" in repr(fast)
