@@ -9,11 +9,12 @@ from .attention import MultiHeadSelfAttention, SuperTokenAttention
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_state_dict
 from .flops import count_macs, count_params
 from .model import IMAGENET_MEAN, IMAGENET_STD, STViT
+from .optimize import optimize
 from .registry import create_model, list_models, model_config, resolve_name
 
 __all__ = [
     "STViT", "SuperTokenAttention", "MultiHeadSelfAttention", "create_model", "list_models", "model_config",
     "resolve_name", "load_checkpoint", "read_checkpoint", "save_state_dict", "CheckpointError",
-    "count_macs", "count_params", "IMAGENET_MEAN", "IMAGENET_STD",
+    "count_macs", "count_params", "optimize", "IMAGENET_MEAN", "IMAGENET_STD",
 ]
 __version__ = "0.1.0"
