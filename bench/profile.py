@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> dict:
             h.remove()
 
     use_device = device.type == "cuda"
-    sort_key = "self_cuda_time_total" if use_device else "self_cpu_time_total"
+    sort_key = "self_device_time_total" if use_device else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort_key, row_limit=args.top))
     shares = time_shares(prof.events(), use_device)
     total = sum(shares.values()) or 1.0

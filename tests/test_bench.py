@@ -54,9 +54,9 @@ THROUGHPUT_FIELDS = {"model", "batch", "size", "mode", "img_per_s", "img_per_s_m
 
 def test_throughput_json_fields(tmp_path):
     out = tmp_path / "tp.json"
-    cli.main(["throughput", "--default-allocator", "--device", "cpu", "--threads", "2", "--models", "tiny", "--size", "32",
-              "--batch-sizes", "2", "--modes", "eager", "optimized", "train", "--runs", "2", "--warmup", "1",
-              "--json", str(out)])
+    cli.main(["throughput", "--default-allocator", "--device", "cpu", "--threads", "2", "--models", "tiny",
+              "--size", "32", "--batch-sizes", "2", "--modes", "eager", "optimized", "train", "--runs", "2",
+              "--warmup", "1", "--json", str(out)])
     result = json.loads(out.read_text())
     assert {"command", "machine", "memory_method", "matmul_peak_gflops", "rows"} <= set(result)
     assert result["machine"]["threads"] == 2
@@ -79,9 +79,9 @@ def test_throughput_authors_modes_need_the_code():
 @needs_authors
 def test_throughput_against_the_authors(tmp_path):
     out = tmp_path / "tp.json"
-    cli.main(["throughput", "--default-allocator", "--device", "cpu", "--models", "tiny", "--size", "32", "--batch-sizes", "2",
-              "--modes", "eager", "authors", "--runs", "2", "--warmup", "1", "--authors-code", str(AUTHORS_CODE),
-              "--json", str(out)])
+    cli.main(["throughput", "--default-allocator", "--device", "cpu", "--models", "tiny", "--size", "32",
+              "--batch-sizes", "2", "--modes", "eager", "authors", "--runs", "2", "--warmup", "1",
+              "--authors-code", str(AUTHORS_CODE), "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     eager, authors = rows
     assert eager["speedup"] == pytest.approx(eager["img_per_s"] / authors["img_per_s"])
@@ -133,8 +133,8 @@ def test_scaling_json_plot_and_budget_skip(tmp_path):
 def test_profile_writes_loadable_traces(tmp_path):
     out = tmp_path / "prof"
     summary = tmp_path / "profile.json"
-    cli.main(["profile", "--default-allocator", "--device", "cpu", "--model", "tiny", "--size", "32", "--batch", "1", "--steps", "1",
-              "--out", str(out), "--json", str(summary)])
+    cli.main(["profile", "--default-allocator", "--device", "cpu", "--model", "tiny", "--size", "32", "--batch", "1",
+              "--steps", "1", "--out", str(out), "--json", str(summary)])
     trace = json.loads((out / "trace.json").read_text())
     assert any(e.get("name") == "stvit::attention" for e in trace["traceEvents"])
     assert list((out / "tensorboard").glob("*.pt.trace.json"))
@@ -182,3 +182,15 @@ def test_json_and_png_written_atomically(tmp_path):
     save_loglog([Panel("t", "x", "y", [Series("s", [(1, 1), (10, 100)])])], tmp_path / "p.png")
     assert Image.open(tmp_path / "p.png").size == (560, 420)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_allocator_tuning_is_reported():
+    """Run in a subprocess: mallopt changes the whole process, so keep it out of the test runner."""
+    import subprocess
+    import sys
+    code = ("import torch; from bench.common import tune_cpu_allocator, machine_info; "
+            "ok = tune_cpu_allocator(); info = machine_info(torch.device('cpu')); "
+            "print(ok, 'mallopt' in info['allocator'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split()[-2:] in (["True", "True"], ["False", "False"]), out.stderr
