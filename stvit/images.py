@@ -25,7 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .model import IMAGENET_MEAN, IMAGENET_STD
 
 WHITE = (255, 255, 255)
-_RESAMPLE = {
+PIL_RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -101,9 +101,9 @@ def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
 def pil_resample(name: str) -> Image.Resampling:
     """Pillow's resampling filter for an interpolation name (``bicubic``, ``bilinear``, ...)."""
     try:
-        return _RESAMPLE[str(name).lower()]
+        return PIL_RESAMPLE[str(name).lower()]
     except KeyError:
-        raise ValueError(f"unknown interpolation {name!r}; expected one of {sorted(_RESAMPLE)}") from None
+        raise ValueError(f"unknown interpolation {name!r}; expected one of {sorted(PIL_RESAMPLE)}") from None
 
 
 def resize_to_cover(img: Image.Image, size_hw: tuple[int, int], interpolation: str = "bicubic") -> Image.Image:

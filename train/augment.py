@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from stvit.images import PIL_RESAMPLE
+
 MAX_LEVEL = 10.0  # magnitudes live on a 0..10 scale
 
 # ---------------------------------------------------------------------------------------------
@@ -198,14 +200,6 @@ RAND_INCREASING_OPS: tuple[str, ...] = (
 )
 """The ``inc1`` op set: a larger magnitude always means a stronger change."""
 
-_PIL_INTERPOLATION = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
 # Affine/rotate in Pillow only support these three filters.
 _GEOMETRIC_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
@@ -213,10 +207,10 @@ _GEOMETRIC_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 def pil_interpolation(name: str) -> Image.Resampling:
     """Pillow resampling filter for an interpolation name (``"bicubic"``, ``"bilinear"``, ...)."""
     try:
-        return _PIL_INTERPOLATION[name]
+        return PIL_RESAMPLE[name]
     except KeyError:
         raise ValueError(
-            f"unknown interpolation {name!r}; use one of {sorted(_PIL_INTERPOLATION)} or 'random'"
+            f"unknown interpolation {name!r}; use one of {sorted(PIL_RESAMPLE)} or 'random'"
         ) from None
 
 
@@ -359,7 +353,7 @@ class RandAugment:
     def apply_plan(self, img: Image.Image, plan: Sequence[PlannedOp]) -> Image.Image:
         """Apply ops drawn by :meth:`sample_plan` (no randomness left here)."""
         for op in plan:
-            img = _OPS[op.name].apply(img, op.arg, self.fill, _PIL_INTERPOLATION[op.interpolation])
+            img = _OPS[op.name].apply(img, op.arg, self.fill, PIL_RESAMPLE[op.interpolation])
         return img
 
     def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:
