@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from stvit.files import atomic_path
+
 
 class BenchError(ValueError):
     """A benchmark cannot run as asked; the message says why and what to change."""
@@ -183,17 +185,9 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     """Write ``payload`` as JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from stvit.files import atomic_path
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127)]
@@ -45,16 +45,8 @@ def save_loglog(panels: Sequence[Panel], path: str | os.PathLike, title: str = "
         draw.text((10, 8), title, fill="black", font=font)
     for i, panel in enumerate(panels):
         _draw_panel(draw, font, panel, i * PANEL_W, top)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _decades(lo: float, hi: float) -> tuple[int, int]:

@@ -17,7 +17,6 @@ is approximate: a fused kernel may mix categories.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
 
 import stvit
+from stvit.files import atomic_path
 from stvit.attention import MultiHeadSelfAttention, SuperTokenAttention
 
 from .common import BenchError, format_table, machine_info, pick_device, write_json
@@ -119,9 +119,8 @@ def copy_latest_trace(tb_dir: Path, dest: Path, newer_than: float) -> Path:
     if not traces:
         raise BenchError(f"the profiler wrote no trace into {tb_dir}")
     newest = max(traces, key=lambda p: p.stat().st_mtime)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(newest, tmp)
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(newest, tmp)
     return dest
 
 

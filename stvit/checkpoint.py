@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import atomic_path
+
 # Constant identity kernels of the authors' unfold/fold convolutions: not parameters here.
 _CONSTANT_SUFFIXES = (".attn.unfold.weights", ".attn.fold.weights")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
@@ -201,11 +203,5 @@ def _mismatch_hint(state, expected, missing, unexpected, mis_shaped) -> str:
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write a state dict atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(dict(state), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

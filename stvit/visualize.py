@@ -24,7 +24,6 @@ With random weights (no ``--checkpoint``) the tool still works and writes
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from .checkpoint import CheckpointError
+from .files import atomic_path
 from .images import ImageError, load_image, resize_shorter_side, to_tensor
 from .model import STViT
 from .predict import default_device, load_model
@@ -350,12 +350,8 @@ def save_png(image: Image.Image, path: Path, metadata: dict[str, str]) -> None:
     info = PngInfo()
     for key, value in metadata.items():
         info.add_itxt(key, value)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---- the whole tool -------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
+from stvit.files import atomic_path
 from train import distributed
 from train.metrics import atomic_write_text
 
@@ -125,12 +126,8 @@ def save_final(output_dir: str | os.PathLike, model, ema, extra: dict, env) -> P
     if not env.is_main:
         return None
     path = Path(output_dir) / FINAL
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save({**payload, **extra}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
