@@ -1,6 +1,7 @@
 """Hypothesis: the sparse torch super token attention equals the dense NumPy oracle."""
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -8,6 +9,7 @@ from hypothesis import strategies as st
 import reference
 from stvit.attention import SuperTokenAttention
 
+FORMS = ("cells", "map")
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -39,12 +41,14 @@ def build(cfg):
 @SETTINGS
 @given(configs())
 def test_sparse_equals_dense_oracle(cfg):
+    """Both token forms: "cells" (batched GEMMs, eager) and "map" (broadcast products, compiled)."""
     module, params, x = build(cfg)
-    with torch.no_grad():
-        out = module(torch.from_numpy(x)).numpy()
     expected = reference.super_token_attention(x, params, cfg["grid"], cfg["n_iter"], cfg["heads"])
-    assert out.shape == x.shape
-    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-9)
+    for form in FORMS:
+        with torch.no_grad():
+            out = module(torch.from_numpy(x), form=form).numpy()
+        assert out.shape == x.shape
+        np.testing.assert_allclose(out, expected, rtol=0, atol=1e-9, err_msg=f"form={form}")
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -52,8 +56,11 @@ def test_sparse_equals_dense_oracle(cfg):
 def test_input_gradient_equals_finite_differences_with_fixed_association(cfg):
     module, params, x = build(cfg)
     weights = np.random.default_rng(cfg["seed"] + 1).standard_normal(x.shape)
-    xt = torch.from_numpy(x).requires_grad_()
-    (module(xt) * torch.from_numpy(weights)).sum().backward()
+    grads = {}
+    for form in FORMS:
+        xt = torch.from_numpy(x).requires_grad_()
+        (module(xt, form=form) * torch.from_numpy(weights)).sum().backward()
+        grads[form] = xt.grad.numpy()
 
     A = reference.super_token_association(x, cfg["grid"], cfg["n_iter"])  # held fixed, as in the model
     def loss(v):
@@ -65,7 +72,8 @@ def test_input_gradient_equals_finite_differences_with_fixed_association(cfg):
         step = np.zeros_like(x)
         step[idx] = eps
         grad[idx] = (loss(x + step) - loss(x - step)) / (2 * eps)
-    np.testing.assert_allclose(xt.grad.numpy(), grad, rtol=1e-5, atol=1e-7)
+    for form in FORMS:
+        np.testing.assert_allclose(grads[form], grad, rtol=1e-5, atol=1e-7, err_msg=f"form={form}")
 
 
 def test_oracle_phantom_slots_take_part_in_softmax():
@@ -75,3 +83,9 @@ def test_oracle_phantom_slots_take_part_in_softmax():
     S = x.reshape(4, 4).mean(1)
     logits = x.reshape(4, 4).T @ S / 2.0
     np.testing.assert_allclose(A[0, :, 0], np.exp(logits) / (np.exp(logits) + 8))
+
+
+def test_unknown_form_is_a_clear_error():
+    module = SuperTokenAttention(8, (2, 2), 1, 2)
+    with pytest.raises(ValueError, match=r"form='dense'.*'cells', 'map'"):
+        module(torch.zeros(1, 8, 4, 4), form="dense")
