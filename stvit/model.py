@@ -56,13 +56,28 @@ class ResidualDepthwiseConv(nn.Module):
     def __init__(self, dim: int, kernel_size: int = 3):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
+        self.identity_folded = False  # True once the kernel itself includes the identity (inference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x + conv(x) is one depthwise conv whose kernel has 1 added at its centre tap; running it
         # that way saves a full read-add-write pass over the map (the kernel sum is tiny).
+        if self.identity_folded:
+            return self.conv(x)
+        return F.conv2d(x, self.conv.weight + self.identity_kernel(), self.conv.bias,
+                        padding=self.conv.padding, groups=self.conv.groups)
+
+    def identity_kernel(self) -> torch.Tensor:
+        """The depthwise kernel of the identity map: 1 at the centre tap of every channel."""
         w, k = self.conv.weight, self.conv.kernel_size[0] // 2
-        centre = F.pad(w.new_ones(w.shape[0], 1, 1, 1), (k, k, k, k))
-        return F.conv2d(x, w + centre, self.conv.bias, padding=self.conv.padding, groups=self.conv.groups)
+        return F.pad(w.new_ones(w.shape[0], 1, 1, 1), (k, k, k, k))
+
+    def fold_identity(self) -> None:
+        """Add the identity into the stored kernel (for inference copies: the parameter then
+        means conv + identity, so the weight becomes a constant the compiler can prepack)."""
+        if not self.identity_folded:
+            with torch.no_grad():
+                self.conv.weight += self.identity_kernel()
+            self.identity_folded = True
 
 
 class ConvMlp(nn.Module):

@@ -9,6 +9,9 @@ t = β − μ·s, so it merges exactly into an adjacent linear map):
 - each block: ``norm2`` (BN) -> ``mlp2.fc1`` (1×1 conv), folded forward into ``fc1``
   (W' = W·diag(s), b' = b + W·t): exact because a 1×1 conv has no padding.
 
+Also folded: the identity of each residual depthwise conv (``x + dwconv(x)``) into its kernel, so
+the kernel is a constant (the training model adds it on the fly, the same arithmetic).
+
 What is not folded: the stem's conv -> GELU -> BN -> conv. The BN cannot go backward (the GELU is in
 between) and cannot go forward into the next 3×3 conv exactly: that conv zero-pads its input, and
 the padded zeros would become t after folding, changing the border outputs. The same holds for the
@@ -24,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .model import Downsample, STTBlock, STViT
+from .model import Downsample, ResidualDepthwiseConv, STTBlock, STViT
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -206,6 +209,9 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.float32, *, compile: b
     model = copy.deepcopy(model).eval()
     model.requires_grad_(False)
     folded = fold_batchnorms(model) if fold_bn else []
+    for module in model.modules():
+        if isinstance(module, ResidualDepthwiseConv):
+            module.fold_identity()  # a constant kernel: prepacked by the compiler, no per-call add
     model = model.to(memory_format=torch.channels_last)
     if params[0].dtype != torch.float32:
         warnings.warn(f"the model's parameters are {params[0].dtype}; optimize() computes in float32 "

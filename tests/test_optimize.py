@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import stvit
+from stvit.model import ResidualDepthwiseConv
 from stvit.optimize import OptimizedModel, fold_batchnorms, fold_bn_conv, fold_conv_bn, optimize
 
 FP32_TOL = 1e-4
@@ -73,6 +74,21 @@ def test_fold_helpers_match_the_layers_they_replace():
         torch.testing.assert_close(fold_bn_conv(bn, conv1)(y), conv1(bn(y)), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="unpadded"):
         fold_bn_conv(bn, nn.Conv2d(6, 5, 3, padding=1))  # the padded border would change
+
+
+def test_residual_depthwise_identity_folds_into_the_kernel():
+    torch.manual_seed(0)
+    layer = ResidualDepthwiseConv(6).double()
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64)
+    with torch.no_grad():
+        expected = x + layer.conv(x)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+        layer.fold_identity()
+        layer.fold_identity()  # a second call must not add the identity twice
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+    fast = optimize(micro_model(), compile=False)
+    layers = [m for m in fast.modules() if isinstance(m, ResidualDepthwiseConv)]
+    assert len(layers) == 8 and all(m.identity_folded for m in layers)
 
 
 def test_fold_needs_eval_mode():
