@@ -141,12 +141,25 @@ def center_crop(img: Image.Image, size_hw: tuple[int, int]) -> Image.Image:
 
 def to_tensor(img: Image.Image, mean: Sequence[float] = IMAGENET_MEAN,
               std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """RGB image -> float32 (3, H, W) tensor: pixel / 255, then (x - mean) / std per channel."""
-    pixels = torch.from_numpy(np.array(to_rgb(img), dtype=np.uint8))  # (H, W, 3), a fresh copy
-    x = pixels.permute(2, 0, 1).to(torch.float32).div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return x.sub_(mean_t).div_(std_t)
+    """RGB image -> float32 (3, H, W) tensor: pixel / 255, then (x - mean) / std per channel.
+
+    In NumPy, as one multiply-add: torch's intra-op thread pool makes such small per-image ops
+    many times slower when data loading shares the machine with training.
+    """
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean and std need 3 values each (std > 0); got {tuple(mean)}, {tuple(std)}")
+    std32 = np.asarray(std, dtype=np.float32)
+    scale = (1.0 / (255.0 * std32)).astype(np.float32)
+    offset = -np.asarray(mean, dtype=np.float32) / std32
+    pixels = np.asarray(to_rgb(img), dtype=np.float32)  # (H, W, 3)
+    return torch.from_numpy(np.ascontiguousarray((pixels * scale + offset).transpose(2, 0, 1)))
+
+
+def eval_resize_size(size_hw: tuple[int, int], crop_pct: float) -> tuple[int, int]:
+    """The size an evaluation image is resized to cover before its ``size_hw`` centre crop."""
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return int(size_hw[0] / crop_pct), int(size_hw[1] / crop_pct)
 
 
 class EvalTransform:
@@ -161,13 +174,11 @@ class EvalTransform:
         _, height, width = pretrained_cfg.get("input_size", (3, 224, 224))
         self.size = (int(height), int(width))
         self.crop_pct = float(pretrained_cfg.get("crop_pct", 0.875))
-        if not 0.0 < self.crop_pct <= 1.0:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        self.scale_size = eval_resize_size(self.size, self.crop_pct)
         self.interpolation = str(pretrained_cfg.get("interpolation", "bicubic"))
         pil_resample(self.interpolation)  # validate now
         self.mean = tuple(pretrained_cfg.get("mean", IMAGENET_MEAN))
         self.std = tuple(pretrained_cfg.get("std", IMAGENET_STD))
-        self.scale_size = (int(self.size[0] / self.crop_pct), int(self.size[1] / self.crop_pct))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = resize_to_cover(to_rgb(img), self.scale_size, self.interpolation)

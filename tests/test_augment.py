@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import stvit
+from stvit.images import EvalTransform
 from train.augment import (RAND_INCREASING_OPS, RAND_OPS, RandAugment, RandomErasing,
                            parse_rand_config)
 from train.mixup import (Mixup, label_smoothing_cross_entropy, smooth_one_hot,
                          soft_target_cross_entropy)
 from train.transforms import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, RandomHorizontalFlip,
-                              RandomResizedCrop, ResizeShorterSide, build_eval_transform,
+                              RandomResizedCrop, ResizeToCover, build_eval_transform,
                               build_train_transform)
 
 
@@ -321,16 +323,26 @@ def test_train_transform_parts_can_be_disabled():
 
 
 def test_eval_transform_resizes_shorter_side_then_center_crops():
-    assert ResizeShorterSide(73)(noise_image(100, 50), None).size == (146, 73)
+    assert ResizeToCover(73)(noise_image(100, 50), None).size == (146, 73)
     img = noise_image(500, 375)
     out = build_eval_transform(224)(img, random.Random(0))
     assert out.shape == (3, 224, 224)
     assert torch.equal(out, build_eval_transform((3, 224, 224))(img, random.Random(1)))
     small = build_eval_transform(64, crop_pct=0.875)
-    assert small.transforms[0].size == int(64 / 0.875)
+    assert small.transforms[0].size == (int(64 / 0.875),) * 2
     assert small(noise_image(64, 64), None).shape == (3, 64, 64)
     with pytest.raises(ValueError, match="crop_pct"):
         build_eval_transform(224, crop_pct=1.5)
+
+
+@pytest.mark.parametrize("input_size", [(3, 96, 128), (3, 128, 96), (3, 64, 64)])
+def test_training_eval_transform_equals_the_inference_one(input_size):
+    """One evaluation geometry: train's (img, rng) pipeline and stvit.images.EvalTransform agree."""
+    cfg = {**stvit.create_model("tiny").pretrained_cfg, "input_size": input_size, "crop_pct": 0.9}
+    pipeline = build_eval_transform(input_size, crop_pct=0.9, interpolation=cfg["interpolation"],
+                                    mean=cfg["mean"], std=cfg["std"])
+    for img in (noise_image(300, 200), noise_image(90, 140)):
+        assert torch.equal(pipeline(img, None), EvalTransform(cfg)(img))
 
 
 def test_pipelines_pickle_for_spawned_loader_workers():

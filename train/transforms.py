@@ -5,8 +5,8 @@ deterministic transforms ignore ``rng``. The pipelines follow DeiT/timm:
 
 * train: RandomResizedCrop (bicubic) -> horizontal flip -> RandAugment -> tensor + normalize
   -> Random Erasing;
-* eval: resize the shorter side to ``int(input_size / crop_pct)`` -> center crop -> tensor +
-  normalize.
+* eval: resize (keeping the aspect ratio) to cover ``input_size / crop_pct`` -> center crop ->
+  tensor + normalize: the geometry of ``stvit.images.EvalTransform``, whose helpers do the work.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ import numbers
 import random
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
+from stvit.images import center_crop, eval_resize_size, resize_to_cover, to_tensor
+from stvit.model import IMAGENET_MEAN as IMAGENET_DEFAULT_MEAN
+from stvit.model import IMAGENET_STD as IMAGENET_DEFAULT_STD
 from train.augment import RandAugment, RandomErasing, pil_interpolation
-
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 Transform = Callable[[object, random.Random], object]
 
@@ -127,28 +126,22 @@ class RandomHorizontalFlip:
         return f"RandomHorizontalFlip(prob={self.prob})"
 
 
-class ResizeShorterSide:
-    """Resize so the shorter side is ``size``, keeping the aspect ratio (torchvision's
-    ``Resize(int)``: the longer side is ``int(size * long / short)``)."""
+class ResizeToCover:
+    """Resize keeping the aspect ratio so the image covers ``size`` (an int: the shorter side
+    becomes ``size``, torchvision's ``Resize(int)``; or (height, width))."""
 
-    def __init__(self, size: int, interpolation: str = "bicubic"):
-        if size < 1:
+    def __init__(self, size, interpolation: str = "bicubic"):
+        self.size = _size_hw(size)
+        if min(self.size) < 1:
             raise ValueError(f"resize size must be positive, got {size}")
-        self.size, self.interpolation = int(size), interpolation
+        self.interpolation = interpolation
         pil_interpolation(interpolation)
 
     def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:
-        width, height = img.size
-        if width <= height:
-            new = (self.size, int(self.size * height / width))
-        else:
-            new = (int(self.size * width / height), self.size)
-        if new == (width, height):
-            return img
-        return img.resize(new, pil_interpolation(self.interpolation))
+        return resize_to_cover(img, self.size, self.interpolation)
 
     def __repr__(self) -> str:
-        return f"ResizeShorterSide(size={self.size}, interpolation={self.interpolation!r})"
+        return f"ResizeToCover(size={self.size}, interpolation={self.interpolation!r})"
 
 
 class CenterCrop:
@@ -156,39 +149,23 @@ class CenterCrop:
         self.size = _size_hw(size)
 
     def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:
-        height, width = self.size
-        if img.width < width or img.height < height:
-            raise ValueError(f"center crop {width}x{height} is larger than the image "
-                             f"{img.width}x{img.height}; resize first")
-        top = int(round((img.height - height) / 2.0))
-        left = int(round((img.width - width) / 2.0))
-        return img.crop((left, top, left + width, top + height))
+        return center_crop(img, self.size)
 
     def __repr__(self) -> str:
         return f"CenterCrop(size={self.size})"
 
 
 class ToNormalizedTensor:
-    """PIL RGB image -> float32 (3, H, W) tensor, scaled to [0, 1] then ``(x - mean) / std``.
-
-    Done in NumPy (single-threaded): torch's intra-op thread pool makes these small per-image
-    ops many times slower on a busy machine when the loader runs in the main process."""
+    """PIL image -> float32 (3, H, W) tensor, scaled to [0, 1] then ``(x - mean) / std``."""
 
     def __init__(self, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                  std: Sequence[float] = IMAGENET_DEFAULT_STD):
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values each (std > 0); got {mean}, {std}")
         self.mean, self.std = tuple(mean), tuple(std)
-        # x / 255 then (x - mean) / std  ==  x * scale + offset
-        self._scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float32))).astype(np.float32)
-        self._offset = (-np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32))
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        pixels = np.asarray(img, dtype=np.float32)  # (H, W, 3)
-        normalized = pixels * self._scale + self._offset
-        return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)))
+        return to_tensor(img, self.mean, self.std)
 
     def __repr__(self) -> str:
         return f"ToNormalizedTensor(mean={self.mean}, std={self.std})"
@@ -223,15 +200,13 @@ def build_train_transform(input_size, aa: str | None = "rand-m9-mstd0.5-inc1",
 def build_eval_transform(input_size, crop_pct: float = 0.875, interpolation: str = "bicubic",
                          mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                          std: Sequence[float] = IMAGENET_DEFAULT_STD) -> Compose:
-    """Resize the shorter side to ``int(input_size / crop_pct)``, center crop, normalize."""
-    if not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    """Resize to cover ``input_size / crop_pct`` (for a square size: the shorter side becomes
+    ``int(size / crop_pct)``), center crop ``input_size``, normalize."""
     height, width = _size_hw(input_size)
     if interpolation == "random":  # evaluation is deterministic
         interpolation = "bicubic"
-    scale_size = int(min(height, width) / crop_pct)
     return Compose([
-        ResizeShorterSide(scale_size, interpolation),
+        ResizeToCover(eval_resize_size((height, width), crop_pct), interpolation),
         CenterCrop((height, width)),
         ToNormalizedTensor(mean, std),
     ])
