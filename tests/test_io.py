@@ -249,3 +249,26 @@ def test_cli_reports_architecture_mismatch(tmp_path, capsys, tiny_file):
     assert code == 1
     assert err.startswith("error: checkpoint does not match the model architecture")
     assert "stvit.create_model('stvit_tiny', num_classes=1000)" in err and "Traceback" not in err
+
+
+# ---- atomic writes ----------------------------------------------------------------------------
+
+def test_atomic_path_replaces_whole_files_with_ordinary_permissions(tmp_path):
+    import os
+
+    from stvit.files import atomic_path
+
+    target = tmp_path / "sub" / "out.txt"
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+        assert not target.exists()  # nothing visible until the block succeeds
+    assert target.read_text() == "new"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("writer failed")
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.txt"]  # no temp file left
