@@ -22,7 +22,28 @@ _HEAD_PREFIXES = ("proj.", "norm.", "head.")  # absent from a features_only back
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message says why."""
+    """A checkpoint that cannot be read or does not fit the model; the message says why.
+
+    ``matching_model``: for a checkpoint of another registered architecture, that model's name.
+    """
+
+    def __init__(self, message: str, matching_model: str | None = None):
+        super().__init__(message)
+        self.matching_model = matching_model
+
+    def command_line_message(self, model_flag: str) -> str:
+        """The message for a command-line tool whose ``--model`` was ``model_flag``: its fix is
+        a flag, not a Python call."""
+        from .registry import resolve_name  # late import: the registry imports the model module
+
+        text = str(self)
+        try:
+            same = self.matching_model is None or resolve_name(model_flag) == self.matching_model
+        except ValueError:
+            same = False
+        if not same:
+            text += f"\n  on the command line: --model {self.matching_model}"
+        return text
 
 
 def read_checkpoint(source: str | os.PathLike | Mapping, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -125,7 +146,8 @@ def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping, *, us
     unexpected = [k for k in state if k not in expected]
     mis_shaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or mis_shaped:
-        raise CheckpointError(_mismatch_report(missing, unexpected, mis_shaped, state, expected))
+        raise CheckpointError(_mismatch_report(missing, unexpected, mis_shaped, state, expected),
+                              matching_model=_registered_name(state))
     model.load_state_dict(state)
     return model
 

@@ -160,7 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CheckpointError(f"{args.checkpoint} has no classifier head (a backbone checkpoint); "
                                   f"predict needs a classification checkpoint")
         names = class_names(model.num_classes, args.class_names)
-    except (CheckpointError, ValueError) as e:
+    except CheckpointError as e:
+        return _error(e.command_line_message(args.model))
+    except ValueError as e:
         return _error(str(e))
     if args.checkpoint is None:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)

@@ -435,7 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pictures = visualize(model, image, stages=args.stages, block=args.block, anchor=anchor, notes=notes)
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
-    except (CheckpointError, ImageError, ValueError, OSError) as e:
+    except CheckpointError as e:
+        return _error(e.command_line_message(args.model))
+    except (ImageError, ValueError, OSError) as e:
         return _error(str(e))
     except torch.OutOfMemoryError:
         return _error("out of GPU memory; use a smaller --size or --device cpu")

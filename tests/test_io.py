@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import stvit
-from stvit import predict
+from stvit import predict, visualize
 from stvit.checkpoint import CheckpointError, read_checkpoint
 from stvit.images import EvalTransform, ImageError, load_image, to_rgb
 
@@ -249,6 +249,18 @@ def test_cli_reports_architecture_mismatch(tmp_path, capsys, tiny_file):
     assert code == 1
     assert err.startswith("error: checkpoint does not match the model architecture")
     assert "stvit.create_model('stvit_tiny', num_classes=1000)" in err and "Traceback" not in err
+    assert err.rstrip().endswith("on the command line: --model stvit_tiny")  # the CLI's own fix
+    code = visualize.main([str(tmp_path / "img.png"), "--model", "small", "--checkpoint", str(tiny_file),
+                           "--device", "cpu", "--out", str(tmp_path / "vis")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.rstrip().endswith("on the command line: --model stvit_tiny")
+
+
+def test_checkpoint_error_names_the_flag_only_when_it_differs():
+    e = CheckpointError("does not match", matching_model="stvit_tiny")
+    assert e.command_line_message("tiny") == "does not match"  # already the right model
+    assert e.command_line_message("small").endswith("--model stvit_tiny")
+    assert CheckpointError("truncated").command_line_message("small") == "truncated"
 
 
 # ---- atomic writes ----------------------------------------------------------------------------
