@@ -104,6 +104,7 @@ class TrainConfig:
     ckpt_every: int = 0  # steps; 0 = only at epoch ends
     compile: bool = False
     grad_checkpoint: bool = False
+    precision: str = "auto"  # auto: bf16 mixed precision on GPU, fp32 on CPU
     max_steps: int | None = None  # test hook: stop after this many optimizer steps
     fault: str | None = None  # test hook: "kill@STEP" or "nan@STEP"
     log_every: int = 50
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", default=None, help="start from these weights with the fine-tune preset; "
                    "a classifier of another size is replaced by a new one")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile each transformer block")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="bf16: FSDP2 mixed precision (bf16 compute, fp32 weights, optimizer and gradient "
+                   "reduction; BatchNorm kept in fp32); auto (default): bf16 on GPU, fp32 on CPU")
     g.add_argument("--grad-checkpoint", action="store_true", default=None,
                    help="recompute block activations in backward (large: the authors' first 4/7/15/0 "
                    "blocks per stage; other models: all blocks)")
@@ -222,9 +226,9 @@ def _output_dir(args: argparse.Namespace, default: str) -> str:
 # Options a resumed run takes from its saved config.json unless given again (test hooks and the
 # choice of what to do — --eval, --checkpoint, --finetune — are never inherited).
 INHERITED = ("model", "data_path", "preset", "accum_steps", "drop_path", "seed", "ckpt_every", "model_ema",
-             "model_ema_decay", "compile", "grad_checkpoint", "log_every", *PAPER)
+             "model_ema_decay", "compile", "grad_checkpoint", "precision", "log_every", *PAPER)
 BUILTIN_DEFAULTS = dict(accum_steps=1, seed=0, ckpt_every=0, model_ema=False, model_ema_decay=0.99996,
-                        compile=False, grad_checkpoint=False)
+                        compile=False, grad_checkpoint=False, precision="auto")
 
 
 def saved_run_config(resume: str) -> dict | None:
@@ -281,7 +285,8 @@ def resolve_config(args: argparse.Namespace, world_size: int = 1) -> TrainConfig
         base_lr=values.pop("lr"), lr=0.0, model_ema=args.model_ema, model_ema_decay=args.model_ema_decay,
         seed=args.seed, resume=args.resume, eval_only=args.eval_only, checkpoint=args.checkpoint,
         finetune=args.finetune, ckpt_every=args.ckpt_every, compile=args.compile,
-        grad_checkpoint=args.grad_checkpoint, max_steps=args.max_steps, fault=args.fault,
+        grad_checkpoint=args.grad_checkpoint, precision=args.precision, max_steps=args.max_steps,
+        fault=args.fault,
         log_every=args.log_every or (10 if preset_name == "demo" else 50),
         demo_dataset=dict(DEMO_DATASET) if not args.data_path else {}, **values)
     cfg.lr = cfg.base_lr * global_batch / REFERENCE_BATCH

@@ -78,11 +78,17 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
     return [block for stage in model.layers for block in stage.blocks]
 
 
-def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False) -> nn.Module:
+def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False, bf16: bool = False) -> nn.Module:
     """Move to the device, optionally compile each block, then FSDP2-shard each block and the root.
 
     Compiling per block before sharding (as torchtitan does) keeps graphs small and lets FSDP2's
     hooks stay outside the compiled regions.
+
+    ``bf16``: FSDP2 mixed precision. Parameters are gathered in bf16 for compute; the sharded fp32
+    parameters, the optimizer and the gradient reduction stay fp32. BatchNorm layers are their own
+    FSDP2 units that keep fp32 parameters. Their kernels take a bf16 input with fp32 affine
+    parameters and fp32 running statistics, but not bf16 parameters with fp32 statistics. Keeping
+    them fp32 is also the usual choice for statistics.
     """
     model.to(env.device)
     if compile_blocks:
@@ -91,10 +97,19 @@ def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False) 
             # batch). Dynamic-shape graphs of the super-token padding arithmetic fail in inductor (torch 2.13).
             block.compile(dynamic=False)
     if not env.use_fsdp:
+        if bf16:
+            raise ValueError("bf16 mixed precision comes from FSDP2, which a single CPU process does not use; "
+                             "run under torchrun (torchrun --nproc_per_node 1 -m train ...) or use --precision fp32")
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if bf16:
+        keep_fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                         cast_forward_inputs=False)
+        for norm in model.modules():
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                fully_shard(norm, mesh=env.mesh, mp_policy=keep_fp32)
     mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                 if env.device.type == "cuda" else MixedPrecisionPolicy())
+                 if bf16 else MixedPrecisionPolicy())
     for block in blocks_of(model):
         fully_shard(block, mesh=env.mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=env.mesh, mp_policy=mp_policy)

@@ -85,7 +85,11 @@ class Run:
             model.set_grad_checkpointing(True)
         self.num_params = sum(p.numel() for p in model.parameters())
         torch.manual_seed(cfg.seed + self.env.rank)
-        self.model = distributed.prepare_model(model, self.env, compile_blocks=cfg.compile)
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.env.device.type == "cuda")
+        try:
+            self.model = distributed.prepare_model(model, self.env, compile_blocks=cfg.compile, bf16=self.bf16)
+        except ValueError as e:
+            raise ConfigError(f"--precision {cfg.precision}: {e}") from None
 
     def load_finetune_weights(self, model, path: str) -> None:
         state = stvit.read_checkpoint(path)
@@ -268,7 +272,7 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict | None:
         f"  {key:<20} {json.dumps(value)}" for key, value in sorted(cfg.to_dict().items())))
     r.log(f"{cfg.model}: {r.num_params / 1e6:.2f} M parameters, {cfg.num_classes} classes, {len(r.train_ds)} train "
           f"/ {len(r.val_ds)} val images, {r.steps_per_epoch} steps per epoch on {env.world_size} process(es) "
-          f"({env.device.type}{', FSDP2' if env.use_fsdp else ''}), peak lr {cfg.lr:.3g}; writing to "
+          f"({env.device.type}{', FSDP2' if env.use_fsdp else ''}{', bf16 mixed precision' if r.bf16 else ''}), peak lr {cfg.lr:.3g}; writing to "
           f"{cfg.output_dir}")
     writer = MetricsWriter(cfg.output_dir, enabled=env.is_main, history=r.state["history"],
                            purge_step=r.state["global_step"] if cfg.resume else None)
