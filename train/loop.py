@@ -272,8 +272,8 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict | None:
         f"  {key:<20} {json.dumps(value)}" for key, value in sorted(cfg.to_dict().items())))
     r.log(f"{cfg.model}: {r.num_params / 1e6:.2f} M parameters, {cfg.num_classes} classes, {len(r.train_ds)} train "
           f"/ {len(r.val_ds)} val images, {r.steps_per_epoch} steps per epoch on {env.world_size} process(es) "
-          f"({env.device.type}{', FSDP2' if env.use_fsdp else ''}{', bf16 mixed precision' if r.bf16 else ''}), peak lr {cfg.lr:.3g}; writing to "
-          f"{cfg.output_dir}")
+          f"({env.device.type}{', FSDP2' if env.use_fsdp else ''}{', bf16 mixed precision' if r.bf16 else ''}), "
+          f"peak lr {cfg.lr:.3g}; writing to {cfg.output_dir}")
     writer = MetricsWriter(cfg.output_dir, enabled=env.is_main, history=r.state["history"],
                            purge_step=r.state["global_step"] if cfg.resume else None)
     try:
