@@ -315,9 +315,7 @@ def main_entry(cfg: TrainConfig) -> int:
     env = distributed.init_distributed()
     try:
         run(cfg, env)
-        # Leave together: a rank tearing down its gloo process group while another is still writing
-        # the final files aborted now and then ("terminate called without an active exception").
-        distributed.barrier()
+        distributed.barrier()  # leave together: no rank tears down while another still communicates
         return 0
     except KNOWN_ERRORS as e:
         prefix = f"[rank {env.rank}] " if env.world_size > 1 else ""
