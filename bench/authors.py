@@ -16,24 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stvit.model import DropPath  # the same stochastic depth as timm's, which their file imports
+
 # Per-block constant kernels of their unfold/fold convolutions: present in their state dict only.
 _CONSTANT_KERNELS = ("attn.unfold.weights", "attn.fold.weights")
 
 
 class AuthorsCodeError(ValueError):
     """The file given with --authors-code cannot be used; the message says why."""
-
-
-class _DropPath(nn.Module):
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep) / keep
 
 
 def _to_2tuple(v):
@@ -51,7 +41,7 @@ def _stand_in_modules() -> dict[str, types.ModuleType]:
         m.__dict__.update(attrs)
         return m
 
-    layers = module("timm.models.layers", DropPath=_DropPath, to_2tuple=_to_2tuple,
+    layers = module("timm.models.layers", DropPath=DropPath, to_2tuple=_to_2tuple,
                     trunc_normal_=lambda t, std=1.0, **kw: nn.init.trunc_normal_(t, std=std))
     registry = module("timm.models.registry", register_model=lambda fn: fn)
     vit = module("timm.models.vision_transformer", _cfg=lambda **kw: dict(kw))

@@ -36,6 +36,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, t) with bn(x) = s·x + t per channel in eval mode, computed in float64."""
+    if bn.running_mean is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
     var = bn.running_var.double()
     s = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
@@ -56,8 +58,6 @@ def _new_conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) ->
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A conv equal to ``bn(conv(x))`` with ``bn`` in eval mode (any kernel, padding, groups)."""
-    if bn.running_mean is None:
-        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
     s, t = _bn_affine(bn)
     w = conv.weight.double() * s.view(-1, 1, 1, 1)
     b = conv.bias.double() if conv.bias is not None else torch.zeros_like(s)
@@ -69,8 +69,6 @@ def fold_bn_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
     where every output sees no padding and the per-channel shift moves exactly into the bias."""
     if conv.groups != 1 or any(p != 0 for p in conv.padding) or conv.padding_mode != "zeros":
         raise ValueError("folding a BatchNorm forward is exact only into an unpadded, ungrouped conv")
-    if bn.running_mean is None:
-        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
     s, t = _bn_affine(bn)
     w = conv.weight.double()
     b = conv.bias.double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
