@@ -146,13 +146,18 @@ def to_tensor(img: Image.Image, mean: Sequence[float] = IMAGENET_MEAN,
     In NumPy, as one multiply-add: torch's intra-op thread pool makes such small per-image ops
     many times slower when data loading shares the machine with training.
     """
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"mean and std need 3 values each (std > 0); got {tuple(mean)}, {tuple(std)}")
+    check_mean_std(mean, std)
     std32 = np.asarray(std, dtype=np.float32)
     scale = (1.0 / (255.0 * std32)).astype(np.float32)
     offset = -np.asarray(mean, dtype=np.float32) / std32
     pixels = np.asarray(to_rgb(img), dtype=np.float32)  # (H, W, 3)
     return torch.from_numpy(np.ascontiguousarray((pixels * scale + offset).transpose(2, 0, 1)))
+
+
+def check_mean_std(mean: Sequence[float], std: Sequence[float]) -> None:
+    """Per-channel normalisation constants: 3 means and 3 positive standard deviations."""
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean and std need 3 values each (std > 0); got {tuple(mean)}, {tuple(std)}")
 
 
 def eval_resize_size(size_hw: tuple[int, int], crop_pct: float) -> tuple[int, int]:

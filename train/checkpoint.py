@@ -186,11 +186,7 @@ def check_compatible(state: dict, *, model: str, num_classes: int, global_batch:
 def load_checkpoint(ckpt: Path, model, optimizer, ema, env) -> None:
     """Collective: restore weights, optimizer moments, EMA and this process's RNG state."""
     state = _training_state(model, optimizer, ema)
-    try:
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(ckpt))
-    except Exception as e:  # DCP wraps per-rank failures; report the first line of the cause
-        raise ResumeError(f"cannot load {ckpt}: {_first_line(e)}") from None
+    _dcp_load(state, ckpt)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
@@ -202,12 +198,17 @@ def load_checkpoint(ckpt: Path, model, optimizer, ema, env) -> None:
 def load_model_weights(ckpt: Path, model) -> None:
     """Model weights only, from a checkpoint folder (for --eval --resume DIR)."""
     state = {"model": get_model_state_dict(model)}
+    _dcp_load(state, ckpt)
+    set_model_state_dict(model, state["model"])
+
+
+def _dcp_load(state: dict, ckpt: Path) -> None:
+    """Collective: fill ``state`` in place from the checkpoint folder ``ckpt``."""
     try:
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(ckpt))
-    except Exception as e:
+    except Exception as e:  # DCP wraps per-rank failures; report the first line of the cause
         raise ResumeError(f"cannot load {ckpt}: {_first_line(e)}") from None
-    set_model_state_dict(model, state["model"])
 
 
 def _first_line(e: BaseException) -> str:

@@ -227,8 +227,10 @@ def _output_dir(args: argparse.Namespace, default: str) -> str:
 # choice of what to do — --eval, --checkpoint, --finetune — are never inherited).
 INHERITED = ("model", "data_path", "preset", "accum_steps", "drop_path", "seed", "ckpt_every", "model_ema",
              "model_ema_decay", "compile", "grad_checkpoint", "precision", "log_every", *PAPER)
-BUILTIN_DEFAULTS = dict(accum_steps=1, seed=0, ckpt_every=0, model_ema=False, model_ema_decay=0.99996,
-                        compile=False, grad_checkpoint=False, precision="auto")
+# Options that are neither in a preset nor inherited take TrainConfig's defaults.
+BUILTIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                    if f.name in ("accum_steps", "seed", "ckpt_every", "model_ema", "model_ema_decay", "compile",
+                                  "grad_checkpoint", "precision")}
 
 
 def saved_run_config(resume: str) -> dict | None:

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from train.config import ConfigError
+
 
 @dataclass
 class DistEnv:
@@ -98,8 +100,9 @@ def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False, 
             block.compile(dynamic=False)
     if not env.use_fsdp:
         if bf16:
-            raise ValueError("bf16 mixed precision comes from FSDP2, which a single CPU process does not use; "
-                             "run under torchrun (torchrun --nproc_per_node 1 -m train ...) or use --precision fp32")
+            raise ConfigError("--precision bf16: mixed precision comes from FSDP2, which a single CPU process "
+                              "does not use; run under torchrun (torchrun --nproc_per_node 1 -m train ...) or "
+                              "use --precision fp32")
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if bf16:

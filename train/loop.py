@@ -86,10 +86,7 @@ class Run:
         self.num_params = sum(p.numel() for p in model.parameters())
         torch.manual_seed(cfg.seed + self.env.rank)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.env.device.type == "cuda")
-        try:
-            self.model = distributed.prepare_model(model, self.env, compile_blocks=cfg.compile, bf16=self.bf16)
-        except ValueError as e:
-            raise ConfigError(f"--precision {cfg.precision}: {e}") from None
+        self.model = distributed.prepare_model(model, self.env, compile_blocks=cfg.compile, bf16=self.bf16)
 
     def load_finetune_weights(self, model, path: str) -> None:
         state = stvit.read_checkpoint(path)

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from stvit.images import center_crop, eval_resize_size, resize_to_cover, to_tensor
+from stvit.images import center_crop, check_mean_std, eval_resize_size, resize_to_cover, to_tensor
 from stvit.model import IMAGENET_MEAN as IMAGENET_DEFAULT_MEAN
 from stvit.model import IMAGENET_STD as IMAGENET_DEFAULT_STD
 from train.augment import RandAugment, RandomErasing, pil_interpolation
@@ -160,8 +160,7 @@ class ToNormalizedTensor:
 
     def __init__(self, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                  std: Sequence[float] = IMAGENET_DEFAULT_STD):
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std need 3 values each (std > 0); got {mean}, {std}")
+        check_mean_std(mean, std)  # at construction, not first at the first image
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
