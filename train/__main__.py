@@ -26,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     code = main()
     if world_size_hint() > 1:
-        # A worker of a multi-process torchrun run whose run is over (files written, process group destroyed) leaves without
-        # interpreter finalisation: there, gloo's worker threads were torn down late and now and then
-        # aborted a run that had succeeded ("terminate called without an active exception").
+        # A worker of a multi-process torchrun run, once its run is over (files written, process group
+        # destroyed), leaves without interpreter finalisation: there, gloo's worker threads were torn
+        # down late and now and then aborted a run that had succeeded ("terminate called without an
+        # active exception").
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
