@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -98,9 +98,6 @@ class Timing:
     max_s: float
     iqr_s: float  # interquartile range: the spread less sensitive to a single disturbed run
     runs: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, runs: int = 5,

@@ -7,9 +7,10 @@ Writes, under ``--out``:
 - ``trace.json``: the same trace as a Chrome trace (chrome://tracing, https://ui.perfetto.dev).
 
 Prints the top operators by self time and the share of time in attention, convolutions, norms and
-the rest. In the uncompiled modes, forward hooks wrap attention modules, convolutions and norms in
-``record_function`` labels (``stvit::attention`` / ``stvit::conv`` / ``stvit::norm``), so every
-operator is attributed to the module it ran in (convolutions inside an attention count as attention).
+the rest. In the uncompiled modes, forward hooks wrap attention modules (any module whose class name
+says ``Attention``, in every family), convolutions and norms in ``record_function`` labels
+(``stvit::attention`` / ``stvit::conv`` / ``stvit::norm``), so every operator is attributed to the
+module it ran in (convolutions inside an attention count as attention).
 Backward operators and compiled (fused) kernels carry no labels and are classified by name, which
 is approximate: a fused kernel may mix categories.
 """
@@ -27,7 +28,6 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule,
 
 import stvit
 from stvit.files import atomic_path
-from stvit.attention import MultiHeadSelfAttention, SuperTokenAttention
 
 from .common import BenchError, format_table, machine_info, pick_device, write_json
 from .throughput import build_step
@@ -38,10 +38,10 @@ LABELS = {"stvit::attention": "attention", "stvit::conv": "conv", "stvit::norm":
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="small", help="model name (default: small)")
+    p.add_argument("--model", default="stvit_small", help="registered model name (default: stvit_small)")
     p.add_argument("--mode", choices=PROFILE_MODES, default="eager", help="mode (default: eager)")
     p.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
-    p.add_argument("--size", type=int, default=224, help="square input size (default: 224)")
+    p.add_argument("--size", type=int, default=None, help="square input size (default: the model's own)")
     p.add_argument("--steps", type=int, default=2, help="profiled steps after 1 warm-up (default: 2)")
     p.add_argument("--out", default="profile", help="output folder (default: ./profile)")
     p.add_argument("--top", type=int, default=15, help="operators to list (default: 15)")
@@ -53,11 +53,11 @@ def label_modules(model: nn.Module) -> list:
     handles = []
 
     def kind(m: nn.Module) -> str | None:
-        if isinstance(m, (SuperTokenAttention, MultiHeadSelfAttention)):
+        if "attention" in type(m).__name__.lower() or isinstance(m, nn.MultiheadAttention):
             return "stvit::attention"
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.modules.conv._ConvNd):
             return "stvit::conv"
-        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
             return "stvit::norm"
         return None
 
@@ -130,7 +130,9 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = stvit.create_model(args.model).to(device).eval()
-    x = torch.randn(args.batch, model.in_chans, args.size, args.size, device=device)
+    size = args.size or model.pretrained_cfg["input_size"][-1]
+    x = torch.randn(args.batch, model.in_chans, size, size, device=device)
+    model.check_input(x)
     compiled = "compiled" in args.mode
     step = build_step(args.mode, model, None, x, device)
     if not compiled:
@@ -163,7 +165,7 @@ def run(args: argparse.Namespace) -> dict:
     ops = [e for e in prof.key_averages() if e.key not in LABELS and not e.key.startswith("ProfilerStep")]
     top = sorted(ops, key=lambda e: -getattr(e, sort_key))[:args.top]
     result = dict(command="profile", machine=machine_info(device), model=stvit.resolve_name(args.model),
-                  mode=args.mode, batch=args.batch, size=args.size, steps=args.steps,
+                  mode=args.mode, batch=args.batch, size=size, steps=args.steps,
                   trace=str(trace_file), tensorboard_dir=str(tb_dir), shares=rows,
                   top_ops=[dict(name=e.key, calls=e.count, self_ms=getattr(e, sort_key) / 1e3 / args.steps)
                            for e in top])

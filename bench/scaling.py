@@ -1,7 +1,7 @@
 """``bench scaling``: super token attention against global self-attention as the token grid grows.
 
-Three attentions over the same (B, C, n, n) token map, C channels and heads (STViT-S's first stage by
-default: C=64, 1 head, 8×8 super-token cells):
+Three attentions over the same (B, C, n, n) token map, C channels and heads (by default those of the
+first stage of ``--model``, an STViT: stvit_small's is C=64, 1 head, 8×8 super-token cells):
 
 - ``super-token``: :class:`stvit.SuperTokenAttention` (sparse association + MHSA on n²/64 super tokens);
 - ``global``: self-attention over all n² tokens with the N×N attention matrix materialised
@@ -22,9 +22,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from stvit.attention import MultiHeadSelfAttention, SuperTokenAttention
+import stvit
+from stvit.models.stvit import STVIT_CONFIGS, MultiHeadSelfAttention, SuperTokenAttention
 
-from .common import (MEMORY_METHOD, format_table, machine_info, mib, peak_memory, pick_device, synchronize,
+from .common import (MEMORY_METHOD, BenchError, format_table, machine_info, mib, peak_memory, pick_device, synchronize,
                      time_fn, write_json)
 from .plot import Panel, Series, save_loglog
 
@@ -50,9 +51,12 @@ class DenseGlobalAttention(nn.Module):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sides", nargs="+", type=int, default=[28, 56, 112, 224],
                    help="token grid sides n (n×n tokens; default: 28 56 112 224)")
-    p.add_argument("--dim", type=int, default=64, help="channels C (default: 64, STViT-S stage 1)")
-    p.add_argument("--heads", type=int, default=1, help="attention heads (default: 1)")
-    p.add_argument("--stoken-size", type=int, default=8, help="super-token cell side (default: 8)")
+    p.add_argument("--model", default="stvit_small",
+                   help="the STViT whose first stage sets the defaults of --dim, --heads, --stoken-size "
+                        "(default: stvit_small; super tokens exist only in STViT models)")
+    p.add_argument("--dim", type=int, default=None, help="channels C (default: the model's stage 1, 64 for S)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default: the model's stage 1)")
+    p.add_argument("--stoken-size", type=int, default=None, help="super-token cell side (default: the model's stage 1)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--memory-budget-gib", type=float, default=None,
@@ -87,8 +91,22 @@ def work(method: str, tokens: int) -> float:
     return float(tokens) if method == "super-token" else float(tokens) ** 2
 
 
+def stage_one(model: str) -> dict:
+    """Stage-1 width, heads and cell side of a registered STViT; a clear error for other families."""
+    name = stvit.resolve_name(model)
+    family = stvit.model_entry(name).family
+    if name not in STVIT_CONFIGS:
+        raise BenchError(f"bench scaling measures super token attention, which only STViT models have; {name} "
+                         f"is a {family} model. Use --model with one of {', '.join(stvit.list_models('stvit'))}")
+    cfg = STVIT_CONFIGS[name]
+    return dict(dim=cfg["embed_dim"][0], heads=cfg["num_heads"][0], stoken_size=cfg["stoken_size"][0])
+
+
 def run(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
+    for key, value in stage_one(args.model).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     budget = args.memory_budget_gib
     if budget is None:
         budget = 0.8 * torch.cuda.mem_get_info(device)[0] / 2 ** 30 if device.type == "cuda" else 2.0

@@ -5,19 +5,25 @@ Modes (``--modes``; ``authors*`` need ``--authors-code``):
 ==================  =============================================================================
 eager               our model as a user runs it: fp32, eval, ``torch.no_grad``
 eager-amp           the same under bf16 autocast
-optimized           ``stvit.optimize(model, compile=False)``: BatchNorm folded, channels-last
+optimized           ``stvit.optimize(model, compile=False)``: the family's folding, channels-last
 compiled            ``stvit.optimize(model)``: + ``torch.compile``; on CUDA + CUDA graphs
 compiled-bf16       ``stvit.optimize(model, torch.bfloat16)``: + bf16 autocast
 train               one fp32 training step: forward, cross-entropy, backward, AdamW
-train-compiled      the same with every block compiled (``block.compile()``, as ``train --compile``)
-authors             the authors' model (same weights, output checked equal), fp32 eval
-authors-amp         the authors' model under bf16 autocast (their AMP)
-authors-train       the authors' model, one fp32 training step
+train-compiled      the same with every block compiled (``repeated_blocks()``, as ``train --compile``)
+authors             the authors' STViT (same weights, output checked equal), fp32 eval
+authors-amp         the authors' STViT under bf16 autocast (their AMP)
+authors-train       the authors' STViT, one fp32 training step
 ==================  =============================================================================
 
 FLOPs per image are 2 × the forward MACs (``stvit.count_macs``); a training step counts 3× the
 forward (backward ≈ 2× forward). Utilisation (MFU) is achieved FLOP/s over the matmul peak
-measured in the same run (fp32 peak for fp32 modes, bf16 peak for bf16 modes).
+measured in the same run (fp32 peak for fp32 modes, bf16 peak for bf16 modes). On a CPU that
+emulates bf16 (``stvit.precision.native_bf16``) the bf16 matmul peak means nothing — the model's bf16
+convolutions may beat an emulated matmul — so bf16 rows are measured against the fp32 peak there,
+and the run warns.
+
+Any registered model runs in the ``eager``…``train-compiled`` modes; the ``authors*`` modes time the
+authors' STViT code and take STViT models only.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -32,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import stvit
+from stvit import precision
 from stvit.optimize import optimize
 
 from .common import (MEMORY_METHOD, BenchError, format_table, machine_info, matmul_peak_flops, mib, peak_memory,
@@ -47,10 +55,11 @@ BASELINE = {"eager": "authors", "optimized": "authors", "compiled": "authors", "
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", nargs="+", default=["small"], help="model names (default: small)")
+    p.add_argument("--models", nargs="+", default=["stvit_small"],
+                   help="registered model names, side by side (default: stvit_small)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
                    help="batch sizes (default: 8 on CPU, 256 on CUDA)")
-    p.add_argument("--size", type=int, default=224, help="square input size (default: 224)")
+    p.add_argument("--size", type=int, default=None, help="square input size (default: each model's own)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=None,
                    help="modes to run (default: eager compiled compiled-bf16 train, plus authors authors-amp "
                         "authors-train with --authors-code)")
@@ -62,7 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def default_modes(device: torch.device, authors: bool) -> list[str]:
-    modes = ["eager", "compiled", "compiled-bf16", "train"]
+    """eager, compiled, compiled-bf16 (where bf16 is native: emulated it is many times slower), train;
+    with the authors' code their eval, AMP and training modes too."""
+    modes = ["eager", "compiled"] + (["compiled-bf16"] if precision.native_bf16(device) else []) + ["train"]
     if authors:
         modes += ["authors", "authors-amp", "authors-train"]
     return modes
@@ -75,29 +86,42 @@ def run(args: argparse.Namespace) -> dict:
         raise BenchError("the authors* modes need --authors-code PATH/TO/models/stvit.py "
                          "(a checkout of github.com/hhb072/STViT)")
     batch_sizes = args.batch_sizes or ([256] if device.type == "cuda" else [8])
+    names = [stvit.resolve_name(n) for n in args.models]
+    if any(m.startswith("authors") for m in modes):
+        others = [n for n in names if stvit.model_entry(n).family != "stvit"]
+        if others:
+            raise BenchError(f"the authors* modes time the authors' STViT code; {', '.join(others)} "
+                             f"{'is' if len(others) == 1 else 'are'} not STViT: drop them or the authors* modes")
     peaks = {torch.float32: matmul_peak_flops(device, torch.float32)}
-    if BF16_MODES & set(modes):
+    bf16_peak = BF16_MODES & set(modes) and precision.native_bf16(device)
+    if bf16_peak:
         peaks[torch.bfloat16] = matmul_peak_flops(device, torch.bfloat16)
+    elif BF16_MODES & set(modes):
+        warnings.warn("bf16 is emulated on this CPU (no AVX512-BF16/AMX): bf16 modes run many times slower "
+                      "than fp32 and their MFU is given against the fp32 matmul peak", precision.EmulatedBF16Warning)
 
     rows = []
-    for name in args.models:
-        canonical = stvit.resolve_name(name)
+    for canonical in names:
         torch.manual_seed(0)
         ours = stvit.create_model(canonical).to(device).eval()
+        size = args.size or ours.pretrained_cfg["input_size"][-1]
         theirs = None
         if any(m.startswith("authors") for m in modes):
+            from stvit.models.stvit import STVIT_CONFIGS
+
             from .authors import load_authors_twin
-            theirs = load_authors_twin(args.authors_code, ours, stvit.model_config(canonical)).to(device).eval()
-        flops_per_image = 2 * stvit.count_macs(ours, (ours.in_chans, args.size, args.size))
+            theirs = load_authors_twin(args.authors_code, ours, STVIT_CONFIGS[canonical]).to(device).eval()
+        flops_per_image = 2 * stvit.count_macs(ours, (ours.in_chans, size, size))
         for batch in batch_sizes:
-            x = torch.randn(batch, ours.in_chans, args.size, args.size, device=device)
+            x = torch.randn(batch, ours.in_chans, size, size, device=device)
+            ours.check_input(x)  # a size the model cannot take: its message, before any timing
             for row in measure_modes(modes, ours, theirs, x, device, args):
                 dtype = torch.bfloat16 if row["mode"] in BF16_MODES else torch.float32
                 flops = flops_per_image * (3 if row["mode"] in TRAIN_MODES else 1)
                 achieved = row["img_per_s"] * flops
-                rows.append(dict(model=canonical, batch=batch, size=args.size, **row,
-                                 dtype=str(dtype).removeprefix("torch."), gflop_per_img=flops / 1e9,
-                                 achieved_gflops=achieved / 1e9, mfu=achieved / peaks[dtype]))
+                row = dict(model=canonical, batch=batch, size=size, **row, dtype=precision.name_of(dtype),
+                           gflop_per_img=flops / 1e9, achieved_gflops=achieved / 1e9)
+                rows.append(dict(row, mfu=achieved / peaks[_peak_dtype(row, peaks)]))
             add_speedups(rows)
     # The peak is measured again at the end and the better of the two kept: a busy moment during
     # one measurement must not make every utilisation look better than it is.
@@ -105,18 +129,24 @@ def run(args: argparse.Namespace) -> dict:
         again = matmul_peak_flops(device, dtype)
         if again > peaks[dtype]:
             for r in rows:
-                if r["dtype"] == str(dtype).removeprefix("torch."):
+                if _peak_dtype(r, peaks) == dtype:
                     r["mfu"] *= peaks[dtype] / again
             peaks[dtype] = again
     print(format_table(rows, COLUMNS))
     print(f"MFU against the measured matmul peak on {device.type} ({torch.get_num_threads()} threads): "
-          + ", ".join(f"{str(k).removeprefix('torch.')} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
+          + ", ".join(f"{precision.name_of(k)} {v / 1e9:.3g} GFLOP/s" for k, v in peaks.items()))
     result = dict(command="throughput", machine=machine_info(device), memory_method=MEMORY_METHOD[device.type],
-                  matmul_peak_gflops={str(k).removeprefix("torch."): v / 1e9 for k, v in peaks.items()},
+                  matmul_peak_gflops={precision.name_of(k): v / 1e9 for k, v in peaks.items()},
                   rows=rows)
     if args.json:
         write_json(args.json, result)
     return result
+
+
+def _peak_dtype(row: dict, peaks: dict) -> torch.dtype:
+    """The matmul peak a row's MFU is measured against: its own dtype's, else (emulated bf16) fp32's."""
+    dtype = precision.DTYPES[row["dtype"]]
+    return dtype if dtype in peaks else torch.float32
 
 
 COLUMNS = [("model", "model"), ("batch", "batch"), ("mode", "mode"), ("img_per_s", "img/s"),
@@ -171,14 +201,13 @@ def build_step(mode: str, ours: nn.Module, theirs: nn.Module | None, x: torch.Te
     """A zero-argument callable running one batch in ``mode``; its ``.model`` is the module it runs."""
     if mode in ("eager", "authors", "eager-amp", "authors-amp"):
         model = ours if mode.startswith("eager") else theirs
-        amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode.endswith("-amp"))
+        amp = precision.autocast(device, torch.bfloat16 if mode.endswith("-amp") else torch.float32)
 
         def step():
             with torch.no_grad(), amp:
                 return model(x)
     elif mode in ("optimized", "compiled", "compiled-bf16"):
-        dtype = torch.bfloat16 if mode == "compiled-bf16" else torch.float32
-        fast = optimize(ours, dtype, compile=mode != "optimized")
+        fast = optimize(ours, "bf16" if mode == "compiled-bf16" else "fp32", compile=mode != "optimized")
         model = fast.model
 
         def step():
@@ -186,9 +215,8 @@ def build_step(mode: str, ours: nn.Module, theirs: nn.Module | None, x: torch.Te
     elif mode in TRAIN_MODES:
         model = copy.deepcopy(theirs if mode == "authors-train" else ours).train()
         if mode == "train-compiled":
-            for stage in model.layers:
-                for block in stage.blocks:
-                    block.compile()
+            for block in model.repeated_blocks():
+                block.compile(dynamic=False)
         step = train_step(model, x)
     else:
         raise BenchError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")

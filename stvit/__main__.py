@@ -16,7 +16,7 @@ from .checkpoint import CheckpointError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stvit", description=__doc__)
     parser.add_argument("--model", default="stvit_small", help=f"one of {', '.join(list_models())}")
-    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--input-size", type=int, default=None, help="square input size (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--checkpoint", help="optional weights to load (the authors' release files work)")
     args = parser.parse_args(argv)
@@ -27,12 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size)
+    if args.input_size is None:
+        args.input_size = model.pretrained_cfg["input_size"][-1]
+    x = torch.randn(args.batch_size, model.in_chans, args.input_size, args.input_size)
     start = time.perf_counter()
     with torch.no_grad():
+        model.check_input(x)
         out = model(x)
     elapsed = time.perf_counter() - start
-    size = (3, args.input_size, args.input_size)
+    size = (model.in_chans, args.input_size, args.input_size)
     print(f"model       {model.pretrained_cfg['architecture']}")
     print(f"input       {tuple(x.shape)}")
     print(f"output      {tuple(out.shape)}  ({elapsed * 1e3:.0f} ms, first call, eager fp32)")

@@ -1,9 +1,15 @@
-"""Loading checkpoints — the authors' release files as they are, or ours — safely and strictly."""
+"""Loading checkpoints — the authors' release files as they are, or ours — safely and strictly.
+
+Generic over the zoo: a family's own key conventions live in its registered ``checkpoint_filter``
+(timm's ``checkpoint_filter_fn``), applied here; a checkpoint that fits another registered model is
+named in the error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+from functools import lru_cache
 import pickle
 import re
 import warnings
@@ -14,11 +20,12 @@ import torch
 from torch import nn
 
 from .files import atomic_path
+from .registry import MODELS, family_of
 
-# Constant identity kernels of the authors' unfold/fold convolutions: not parameters here.
-_CONSTANT_SUFFIXES = (".attn.unfold.weights", ".attn.fold.weights")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-_HEAD_PREFIXES = ("proj.", "norm.", "head.")  # absent from a features_only backbone
+# Where training scripts put the weights: ours and DeiT's ("model", "model_ema"), timm's saver's.
+_WEIGHTS_KEYS = ("model", "state_dict")
+_EMA_KEYS = ("model_ema", "state_dict_ema")
 
 
 class CheckpointError(ValueError):
@@ -34,7 +41,7 @@ class CheckpointError(ValueError):
     def command_line_message(self, model_flag: str) -> str:
         """The message for a command-line tool whose ``--model`` was ``model_flag``: its fix is
         a flag, not a Python call."""
-        from .registry import resolve_name  # late import: the registry imports the model module
+        from .registry import resolve_name
 
         text = str(self)
         try:
@@ -49,14 +56,16 @@ class CheckpointError(ValueError):
 def read_checkpoint(source: str | os.PathLike | Mapping, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """Return the model state dict inside ``source`` (a path or an already loaded dict).
 
-    Accepts bare state dicts and ``{"model": ...}``, ``{"model_ema": ...}``, ``{"state_dict": ...}``
-    wrappers; files are read with ``weights_only=True``, never unpickled into arbitrary objects.
+    Accepts bare state dicts and ``{"model": ...}``, ``{"model_ema": ...}``, ``{"state_dict": ...}``,
+    ``{"state_dict_ema": ...}`` wrappers (``use_ema`` prefers the EMA weights); strips ``module.`` and
+    ``_orig_mod.`` prefixes. Files are read with ``weights_only=True``, never unpickled into
+    arbitrary objects.
     """
     obj = _load_file(Path(source)) if isinstance(source, (str, os.PathLike)) else source
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict; "
                               f"expected a dict of tensors or a {{'model': state_dict}} wrapper")
-    order = ("model_ema", "model", "state_dict") if use_ema else ("model", "state_dict", "model_ema")
+    order = _EMA_KEYS + _WEIGHTS_KEYS if use_ema else _WEIGHTS_KEYS + _EMA_KEYS
     for key in order:
         if isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -68,8 +77,7 @@ def read_checkpoint(source: str | os.PathLike | Mapping, *, use_ema: bool = Fals
                                   f"this is not a model state dict")
         for prefix in _WRAPPER_PREFIXES:
             name = name.removeprefix(prefix)
-        if not name.endswith(_CONSTANT_SUFFIXES):
-            state[name] = value
+        state[name] = value
     if not state:
         raise CheckpointError("checkpoint contains no tensors; expected a model state dict")
     return state
@@ -136,23 +144,76 @@ def _first_line(e: Exception) -> str:
 
 
 def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping, *, use_ema: bool = False) -> nn.Module:
-    """Load ``source`` into ``model`` strictly; all mismatches are reported in one ``CheckpointError``."""
-    state = read_checkpoint(source, use_ema=use_ema)
-    if getattr(model, "features_only", False):
-        state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
+    """Load ``source`` into ``model`` strictly; all mismatches are reported in one ``CheckpointError``.
+
+    The model's family filter maps the authors' release keys to ours first. A ``features_only``
+    backbone ignores the keys of modules it does not have (the classifier head).
+    """
+    state = filter_for(model, read_checkpoint(source, use_ema=use_ema))
     expected = model.state_dict()
+    if getattr(model, "features_only", False):
+        children = {name for name, _ in model.named_children()}
+        state = {k: v for k, v in state.items() if k in expected or k.split(".", 1)[0] in children}
     # In state-dict (module) order, so the table starts with the stem, not alphabetically.
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mis_shaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or mis_shaped:
-        raise CheckpointError(_mismatch_report(missing, unexpected, mis_shaped, state, expected),
-                              matching_model=_registered_name(state))
+        match = matching_model(state)
+        raise CheckpointError(_mismatch_report(model, missing, unexpected, mis_shaped, state, expected, match),
+                              matching_model=match)
     model.load_state_dict(state)
     return model
 
 
-def _mismatch_report(missing, unexpected, mis_shaped, state, expected, limit: int = 20) -> str:
+def filter_for(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` through the checkpoint filter of ``model``'s family (if it has one)."""
+    family = family_of(model)
+    if family is not None and family.checkpoint_filter is not None:
+        state = family.checkpoint_filter(dict(state), model)
+    return state
+
+
+def classifier_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the classifier(s), whose shapes depend on ``num_classes``
+    (``pretrained_cfg["classifier"]``: a module name, or a tuple of them, as timm allows)."""
+    names = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return {k for k in model.state_dict() if k.startswith(tuple(f"{n}." for n in names))}
+
+
+@lru_cache(maxsize=None)
+def _signature(name: str) -> tuple[nn.Module, dict[str, tuple[int, ...]], frozenset[str]] | None:
+    """A registered model built on the meta device (no memory, no init cost): its key shapes."""
+    try:
+        with torch.device("meta"):
+            model = MODELS[name].builder()
+    except Exception:  # a builder that needs real tensors: build it for real (once; error path only)
+        try:
+            model = MODELS[name].builder()
+        except Exception:
+            return None
+    return model, {k: tuple(v.shape) for k, v in model.state_dict().items()}, frozenset(classifier_keys(model))
+
+
+def matching_model(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The registered model whose architecture fits ``state`` (any number of classes), or None."""
+    for name in MODELS:
+        found = _signature(name)
+        if found is None:
+            continue
+        model, shapes, classifier = found
+        try:
+            mapped = filter_for(model, dict(state))
+        except Exception:  # another family's filter may not understand these keys
+            continue
+        if set(mapped) == set(shapes) and all(tuple(mapped[k].shape) == shapes[k] or k in classifier
+                                              for k in shapes):
+            return name
+    return None
+
+
+def _mismatch_report(model, missing, unexpected, mis_shaped, state, expected, match, limit: int = 20) -> str:
     def shape(t):
         return "×".join(map(str, t.shape)) or "scalar"
 
@@ -163,9 +224,9 @@ def _mismatch_report(missing, unexpected, mis_shaped, state, expected, limit: in
     width = max(len(r[0]) for r in rows)
     lines = [f"checkpoint does not match the model architecture: {len(missing)} missing, "
              f"{len(unexpected)} unexpected, {len(mis_shaped)} mis-shaped keys.",
-             f"  checkpoint: {describe_state_dict(state)}",
-             f"  model:      {describe_state_dict(expected)}",
-             f"  {_mismatch_hint(state, expected, missing, unexpected, mis_shaped)}",
+             f"  checkpoint: {describe_state_dict(state, match)}",
+             f"  model:      {describe_state_dict(expected, _architecture(model))}",
+             f"  {_mismatch_hint(model, state, missing, unexpected, mis_shaped, match)}",
              f"  {'key':<{width}}  {'problem':<24}  {'checkpoint':>14}  {'model':>14}"]
     lines += [f"  {k:<{width}}  {p:<24}  {c:>14}  {m:>14}" for k, p, c, m in rows[:limit]]
     if len(rows) > limit:
@@ -173,54 +234,39 @@ def _mismatch_report(missing, unexpected, mis_shaped, state, expected, limit: in
     return "\n".join(lines)
 
 
-def describe_state_dict(state: Mapping[str, torch.Tensor]) -> str:
-    """A one-line summary of an STViT state dict: blocks and width per stage, classes, and the
-    registered model it matches (e.g. ``depths (1, 1, 2, 1), widths (32, 64, 128, 160), ...``)."""
-    depths, widths = _stage_layout(state)
+def _architecture(model: nn.Module) -> str | None:
+    return getattr(model, "pretrained_cfg", {}).get("architecture")
+
+
+def describe_state_dict(state: Mapping[str, torch.Tensor], name: str | None = None) -> str:
+    """A one-line summary of a state dict: tensors, parameters, classes, and the registered model
+    it is (e.g. ``312 tensors, 25.5 M values, 1000 classes (stvit_small, family stvit)``)."""
+    values = sum(t.numel() for t in state.values())
     head = state.get("head.weight")
-    classes = f"{head.shape[0]} classes" if head is not None and head.ndim == 2 else "no classifier head"
-    text = f"depths {tuple(depths)}, widths {tuple(widths)}, {classes}"
-    name = _registered_name(state)
-    return text + (f" (like {name})" if name else "")
+    classes = f", {head.shape[0]} classes" if head is not None and head.ndim == 2 else ""
+    text = f"{len(state)} tensors, {values / 1e6:.2f} M values{classes}"
+    if name in MODELS:
+        text += f" ({name}, family {MODELS[name].family})"
+    return text
 
 
-def _registered_name(state: Mapping[str, torch.Tensor]) -> str | None:
-    from .registry import MODEL_CONFIGS  # late import: the registry imports the model module
-
-    depths, widths = _stage_layout(state)
-    for name, cfg in MODEL_CONFIGS.items():
-        if list(cfg["depths"]) == depths and list(cfg["embed_dim"]) == widths:
-            return name
-    return None
-
-
-def _stage_layout(state: Mapping[str, torch.Tensor]) -> tuple[list[int], list[int]]:
-    blocks: dict[int, set[int]] = {}
-    widths: dict[int, int] = {}
-    for key, value in state.items():
-        found = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.norm1\.norm\.weight$", key)
-        if found:
-            stage, block = int(found.group(1)), int(found.group(2))
-            blocks.setdefault(stage, set()).add(block)
-            widths[stage] = value.shape[0]
-    stages = sorted(blocks)
-    return [len(blocks[i]) for i in stages], [widths[i] for i in stages]
-
-
-def _mismatch_hint(state, expected, missing, unexpected, mis_shaped) -> str:
+def _mismatch_hint(model, state, missing, unexpected, mis_shaped, match) -> str:
     differing = set(missing) | set(unexpected) | set(mis_shaped)
-    if differing <= {"head.weight", "head.bias"} and "head.weight" in state:
-        n = state["head.weight"].shape[0]
-        return (f"only the classifier differs: the checkpoint has {n} classes. Build the model with "
-                f"num_classes={n}, or load into that model and then call model.reset_classifier(k) "
-                f"to fine-tune for k classes.")
-    name = _registered_name(state)
-    head = state.get("head.weight")
-    classes = f", num_classes={head.shape[0]}" if head is not None and head.ndim == 2 else ""
-    if name:
-        return f"build the matching model: stvit.create_model({name!r}{classes})."
-    return ("build the model that matches the checkpoint (stvit.create_model(name, ...) with its "
-            "depths and widths), or check that the file is the one you meant.")
+    classifier = classifier_keys(model)
+    if differing and differing <= classifier and not missing and not unexpected:
+        head = state.get("head.weight")
+        n = f" the checkpoint has {head.shape[0]} classes." if head is not None and head.ndim == 2 else ""
+        return (f"only the classifier differs:{n} Build the model with the checkpoint's num_classes, or "
+                f"load into that model and then call model.reset_classifier(k) to fine-tune for k classes.")
+    if match:
+        head = state.get("head.weight")
+        classes = f", num_classes={head.shape[0]}" if head is not None and head.ndim == 2 else ""
+        family = MODELS[match].family
+        ours = family_of(model)
+        other = f" (a {family} checkpoint, not {ours.name})" if ours is not None and ours.name != family else ""
+        return f"this is a checkpoint of {match}{other}: build the matching model: stvit.create_model({match!r}{classes})."
+    return ("no registered model matches the checkpoint: build the model it was saved from "
+            "(stvit.create_model(name, ...) with its configuration), or check that the file is the one you meant.")
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .model import IMAGENET_MEAN, IMAGENET_STD
+from .contract import IMAGENET_MEAN, IMAGENET_STD
 
 WHITE = (255, 255, 255)
 PIL_RESAMPLE = {

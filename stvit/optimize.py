@@ -1,21 +1,11 @@
-"""Inference fast path: ``optimize(model)`` folds BatchNorm, picks the layout, compiles, and on CUDA
-replays CUDA graphs.
+"""Inference fast path: ``optimize(model)`` folds what eval mode makes foldable, picks the layout,
+compiles, and on CUDA replays CUDA graphs. It works on any model of the zoo through the contract:
+the family's ``prepare_inference()`` does the folding (STViT folds its BatchNorms and residual
+depthwise identities), everything else here is generic.
 
-What is folded (eval-mode BatchNorm is a per-channel affine map y = s·x + t, s = γ/√(σ²+ε),
-t = β − μ·s, so it merges exactly into an adjacent linear map):
-
-- ``Downsample``: conv -> BN, folded backward into the conv (W' = s·W, b' = s·b + t);
-- the head: ``proj`` (1×1 conv) -> ``norm`` (BN), folded backward into ``proj``;
-- each block: ``norm2`` (BN) -> ``mlp2.fc1`` (1×1 conv), folded forward into ``fc1``
-  (W' = W·diag(s), b' = b + W·t): exact because a 1×1 conv has no padding.
-
-Also folded: the identity of each residual depthwise conv (``x + dwconv(x)``) into its kernel, so
-the kernel is a constant (the training model adds it on the fly, the same arithmetic).
-
-What is not folded: the stem's conv -> GELU -> BN -> conv. The BN cannot go backward (the GELU is in
-between) and cannot go forward into the next 3×3 conv exactly: that conv zero-pads its input, and
-the padded zeros would become t after folding, changing the border outputs. The same holds for the
-stem's last BN and the first block's padded depthwise conv.
+The BatchNorm algebra the families use lives here: eval-mode BatchNorm is a per-channel affine
+map y = s·x + t, s = γ/√(σ²+ε), t = β − μ·s, so it merges exactly into an adjacent linear map
+(:func:`fold_conv_bn` backward into a conv, :func:`fold_bn_conv` forward into an unpadded conv).
 """
 
 from __future__ import annotations
@@ -27,9 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .model import Downsample, ResidualDepthwiseConv, STTBlock, STViT
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+from . import precision
 
 
 # ---- BatchNorm folding --------------------------------------------------------------------------
@@ -75,38 +63,10 @@ def fold_bn_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
     return _new_conv_like(conv, w * s.view(1, -1, 1, 1), b + w.sum((2, 3)) @ t)
 
 
-def fold_batchnorms(model: STViT) -> list[str]:
-    """Fold every exactly foldable eval-mode BatchNorm of ``model`` in place (see the module doc).
-
-    Each folded BatchNorm is replaced by ``nn.Identity``; returns the names of the folded ones.
-    The model must be in eval mode: training-mode BatchNorm uses batch statistics, not an affine map.
-    """
-    if model.training:
-        raise ValueError("fold_batchnorms needs an eval-mode model (call model.eval() first): a training-mode "
-                         "BatchNorm normalises with batch statistics and cannot be folded")
-    folded = []
-    with torch.no_grad():
-        for name, module in list(model.named_modules()):  # a list: we swap children as we go
-            if isinstance(module, Downsample) and isinstance(module.proj[1], nn.BatchNorm2d):
-                module.proj[0] = fold_conv_bn(module.proj[0], module.proj[1])
-                module.proj[1] = nn.Identity()
-                folded.append(f"{name}.proj.1")
-            elif isinstance(module, STTBlock) and isinstance(module.norm2, nn.BatchNorm2d):
-                module.mlp2.fc1 = fold_bn_conv(module.norm2, module.mlp2.fc1)
-                module.norm2 = nn.Identity()
-                folded.append(f"{name}.norm2")
-        if (isinstance(model, STViT) and not model.features_only and isinstance(model.proj, nn.Conv2d)
-                and isinstance(model.norm, nn.BatchNorm2d)):
-            model.proj = fold_conv_bn(model.proj, model.norm)
-            model.norm = nn.Identity()
-            folded.append("norm")
-    return folded
-
-
 # ---- the optimized inference model ---------------------------------------------------------------
 
 class OptimizedModel(nn.Module):
-    """What :func:`optimize` returns: a frozen inference copy of an STViT, called like the original.
+    """What :func:`optimize` returns: a frozen inference copy of a model, called like the original.
 
     Inputs may be any float dtype and layout; they are converted to the model's device and
     channels-last layout. Outputs (logits, or the list of stage maps of a ``features_only``
@@ -115,13 +75,13 @@ class OptimizedModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, compiled: bool, cuda_graphs: bool,
-                 folded_batchnorms: list[str]):
+                 folded: list[str]):
         super().__init__()
         self.model = model
         self.dtype = dtype
         self.compiled = compiled
         self.cuda_graphs = cuda_graphs
-        self.folded_batchnorms = folded_batchnorms
+        self.folded = folded  # what the family's prepare_inference() folded
         self.device = next(model.parameters()).device
         # Set past nn.Module's bookkeeping: the compiled wrapper is not a second submodule (it would
         # duplicate every state-dict key); it only wraps self.model.
@@ -136,8 +96,7 @@ class OptimizedModel(nn.Module):
         if hasattr(self.model, "check_input"):
             self.model.check_input(x)  # clear errors before tracing/compiling, not from deep inside
         x = x.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), precision.autocast(self.device, self.dtype):
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: earlier outputs are ours
             if self._freezing:
@@ -160,7 +119,7 @@ class OptimizedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dtype={self.dtype}, compiled={self.compiled}, cuda_graphs={self.cuda_graphs}, "
-                f"folded_batchnorms={len(self.folded_batchnorms)}")
+                f"folded={len(self.folded)}")
 
 
 def _compile(model: nn.Module, cuda_graphs: bool) -> Callable:
@@ -172,16 +131,16 @@ def _compile(model: nn.Module, cuda_graphs: bool) -> Callable:
     return torch.compile(model, dynamic=False)
 
 
-def optimize(model: nn.Module, dtype: torch.dtype = torch.float32, *, compile: bool = True,
-             cuda_graphs: bool | None = None, fold_bn: bool = True) -> OptimizedModel:
+def optimize(model: nn.Module, dtype: torch.dtype | str = torch.float32, *, compile: bool = True,
+             cuda_graphs: bool | None = None, fold: bool = True) -> OptimizedModel:
     """A fast inference copy of ``model`` (the caller's model is not modified).
 
-    - eval mode, no gradients, exact BatchNorm folding (see :func:`fold_batchnorms`);
-    - channels-last weights and inputs (the layout the model computes in; several times faster
-      for its depthwise and 1×1 convolutions than NCHW on CPU with oneDNN, and the tensor-core
-      layout of cuDNN);
-    - ``dtype=torch.bfloat16``: bf16 autocast (matmuls and convolutions in bf16, softmax and
-      norms in float32); outputs are returned as float32;
+    - eval mode, no gradients; ``fold``: the family's exact eval-mode folding (``prepare_inference``);
+    - channels-last weights and inputs (for the convolutions: several times faster on CPU with
+      oneDNN, and the tensor-core layout of cuDNN);
+    - ``dtype`` (a dtype or a precision name of :mod:`stvit.precision`: ``fp32``, ``bf16``, ``auto``):
+      bf16 runs matmuls and convolutions in bf16 autocast, softmax and norms in float32; outputs are
+      float32 either way. A CPU without native bf16 warns (:class:`stvit.precision.EmulatedBF16Warning`);
     - ``compile``: ``torch.compile`` with inductor (on CPU with weight freezing); a new input
       shape recompiles;
     - ``cuda_graphs`` (default: on when compiling on a CUDA device): the compiled model is replayed
@@ -189,16 +148,15 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.float32, *, compile: b
 
     Outputs match the eager float32 model within float32 rounding (bf16: about 1e-2 relative).
     """
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype={dtype} is not supported; use torch.float32 or torch.bfloat16")
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes an nn.Module, got {type(model).__name__}")
     if isinstance(model, OptimizedModel):
         raise ValueError("the model is already optimized; pass the original model")
     params = list(model.parameters())
     if not params:
-        raise ValueError("the model has no parameters; expected an STViT")
+        raise ValueError("the model has no parameters; expected a model of the zoo (stvit.create_model)")
     device = params[0].device
+    dtype = precision.resolve(dtype, device)
     if cuda_graphs is None:
         cuda_graphs = compile and device.type == "cuda"
     if cuda_graphs and (device.type != "cuda" or not compile):
@@ -206,10 +164,7 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.float32, *, compile: b
 
     model = copy.deepcopy(model).eval()
     model.requires_grad_(False)
-    folded = fold_batchnorms(model) if fold_bn else []
-    for module in model.modules():
-        if isinstance(module, ResidualDepthwiseConv):
-            module.fold_identity()  # a constant kernel: prepacked by the compiler, no per-call add
+    folded = model.prepare_inference() if fold and hasattr(model, "prepare_inference") else []
     model = model.to(memory_format=torch.channels_last)
     if params[0].dtype != torch.float32:
         warnings.warn(f"the model's parameters are {params[0].dtype}; optimize() computes in float32 "

@@ -1,4 +1,4 @@
-"""Classify images with an STViT: ``python -m stvit.predict IMAGE... --model NAME --checkpoint FILE``.
+"""Classify images with any model of the zoo: ``python -m stvit.predict IMAGE... --model NAME --checkpoint FILE``.
 
 For every image prints the top-5 classes with their probabilities, using the evaluation
 transform of the model's ``pretrained_cfg`` (resize, center crop, normalise). Class names are the
@@ -23,10 +23,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from torch import nn
+
+from . import precision
+from .checkpoint import CheckpointError, classifier_keys, filter_for, load_checkpoint, read_checkpoint
 from .images import EvalTransform, ImageError, load_image
-from .model import STViT
-from .registry import create_model, list_models, resolve_name
+from .models import create_model
+from .registry import list_models, resolve_name
 
 IMAGENET_NUM_CLASSES = 1000
 RANDOM_WEIGHTS_WARNING = ("WARNING: no --checkpoint given: the model has RANDOM weights, "
@@ -64,23 +67,24 @@ def class_names(num_classes: int, names_file: str | os.PathLike | None = None) -
 
 
 def load_model(name: str, checkpoint: str | os.PathLike | None = None, *, use_ema: bool = False,
-               **overrides) -> STViT:
+               **overrides) -> nn.Module:
     """Build model ``name`` sized to ``checkpoint``'s classifier and load it (eval mode).
 
-    A checkpoint without a classifier head (a backbone) gives a ``features_only`` model.
+    A checkpoint without any classifier key (a backbone) gives a ``features_only`` model.
     Without a checkpoint the model keeps its random initialisation.
     """
-    if checkpoint is None:
-        return create_model(name, **overrides).eval()
-    state = read_checkpoint(checkpoint, use_ema=use_ema)
-    head = state.get("head.weight")
-    if head is not None and head.ndim == 2:
-        overrides.setdefault("num_classes", head.shape[0])
-    elif not any(k.startswith(("norm.", "proj.")) for k in state):
-        overrides.setdefault("features_only", True)
-    else:
-        overrides.setdefault("num_classes", 0)
     model = create_model(name, **overrides)
+    if checkpoint is None:
+        return model.eval()
+    state = filter_for(model, read_checkpoint(checkpoint, use_ema=use_ema))
+    heads = classifier_keys(model)
+    weight = next((state[k] for k in sorted(heads) if k.endswith(".weight") and k in state and state[k].ndim == 2),
+                  None)
+    if weight is not None:
+        if weight.shape[0] != model.num_classes and "num_classes" not in overrides:
+            model.reset_classifier(weight.shape[0])
+    elif not heads & set(state) and not model.features_only:
+        model = create_model(name, **{**overrides, "features_only": True})
     load_checkpoint(model, state)
     return model.eval()
 
@@ -90,14 +94,11 @@ def default_device() -> torch.device:
 
 
 @torch.no_grad()
-def predict_probabilities(model: STViT, batch: torch.Tensor) -> torch.Tensor:
-    """Softmax class probabilities (float32) of a normalised (B, 3, H, W) batch."""
+def predict_probabilities(model: nn.Module, batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Softmax class probabilities (float32) of a normalised (B, 3, H, W) batch, computed in ``dtype``."""
     device = next(model.parameters()).device
     batch = batch.to(device, non_blocking=True)
-    if device.type == "cuda":  # bf16 autocast on GPU; softmax in float32
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(batch)
-    else:
+    with precision.autocast(device, dtype):  # softmax in float32 either way
         logits = model(batch)
     return logits.float().softmax(-1).cpu()
 
@@ -115,7 +116,8 @@ def format_predictions(image: str, predictions: list[tuple[int, float]], names: 
     return "\n".join(lines)
 
 
-def _model_name(value: str) -> str:
+def model_name_arg(value: str) -> str:
+    """argparse type: a registered model name (any case or alias) -> its canonical name."""
     try:
         return resolve_name(value)
     except ValueError as e:
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m stvit.predict",
         description="Print the top-k ImageNet classes (with probabilities) of each image.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
-    parser.add_argument("--model", type=_model_name, default="stvit_small",
+    parser.add_argument("--model", type=model_name_arg, default="stvit_small",
                         help=f"model name, one of {', '.join(list_models())} (default: stvit_small)")
     parser.add_argument("--checkpoint", metavar="FILE",
                         help="weights to load (a state dict or a {'model': ...} training checkpoint); "
@@ -143,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--class-names", metavar="FILE", help="class names, one per line in index order")
     parser.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--precision", choices=precision.PRECISIONS, default="auto",
+                        help="bf16 or fp32 compute; auto (default): bf16 on GPU, fp32 on CPU")
     return parser
 
 
@@ -167,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.checkpoint is None:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     model.to(device)
+    dtype = precision.resolve(args.precision, device)
     transform = EvalTransform(model.pretrained_cfg)
 
     status = 0
@@ -179,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for start in range(0, len(loaded), args.batch_size):
         chunk = loaded[start:start + args.batch_size]
         try:
-            probs = predict_probabilities(model, torch.stack([x for _, x in chunk]))
+            probs = predict_probabilities(model, torch.stack([x for _, x in chunk]), dtype)
         except torch.OutOfMemoryError:
             return _error("out of GPU memory; use a smaller --batch-size or --device cpu")
         for (path, _), p in zip(chunk, probs):

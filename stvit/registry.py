@@ -1,50 +1,125 @@
-"""Named STViT configurations (paper Table 8) and ``create_model``."""
+"""The model registry: every family registers its variants here, and everything else looks them up.
+
+A family file (``stvit/models/<family>.py``) does two things at import time (timm's
+``@register_model`` idea)::
+
+    register_family("sgformer", SGFormer, checkpoint_filter=checkpoint_filter_fn,
+                    paper="SG-Former (Ren et al., ICCV 2023)", verified_against="OliverRensu/SG-Former@b982803")
+
+    @register_model("sgformer", pretrained_cfg=dict(crop_pct=0.9), paper=dict(params_m=22.5, macs_g=4.8, top1=83.2),
+                    recipe=dict(drop_path=0.1, model_ema=True, model_ema_decay=0.99992, warmup_epochs=20))
+    def sgformer_s(**overrides):
+        return SGFormer(**{**SGFORMER_S, **overrides})
+
+``recipe`` holds the variant's differences from the ``paper`` preset of ``python -m train``
+(``train/config.py`` names the keys; ``drop_path`` applies to every preset); ``demo`` holds its
+differences from the ``demo`` preset (a fixed-size model names its ``input_size`` there).
+``stvit.create_model`` (``stvit/models/__init__.py``) builds a registered name; this module
+imports no model, so every other module can import it.
+"""
 
 from __future__ import annotations
 
-from .model import STViT
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-_COMMON = dict(n_iter=[1, 1, 1, 1], stoken_size=[8, 4, 1, 1], projection=1024, mlp_ratio=4,
-               qkv_bias=True, drop_rate=0.0, drop_path_rate=0.0)
+from torch import nn
 
-MODEL_CONFIGS: dict[str, dict] = {
-    # A small variant for demos and tests: trains on a CPU in minutes at 64×64.
-    "stvit_tiny": dict(_COMMON, embed_dim=[32, 64, 128, 160], depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 5],
-                       stoken_size=[4, 2, 1, 1], projection=256, layerscale=[False] * 4, init_values=1e-5),
-    "stvit_small": dict(_COMMON, embed_dim=[64, 128, 320, 512], depths=[3, 5, 9, 3], num_heads=[1, 2, 5, 8],
-                        layerscale=[False] * 4, init_values=1e-5),
-    "stvit_base": dict(_COMMON, embed_dim=[96, 192, 384, 512], depths=[4, 6, 14, 6], num_heads=[2, 3, 6, 8],
-                       layerscale=[False, False, True, True], init_values=1e-6),
-    "stvit_large": dict(_COMMON, embed_dim=[96, 192, 448, 640], depths=[4, 7, 19, 8], num_heads=[2, 3, 7, 10],
-                        layerscale=[False, False, True, True], init_values=1e-6, checkpoint_num=[4, 7, 15, 0]),
-}
-_ALIASES = {name.removeprefix("stvit_"): name for name in MODEL_CONFIGS}
+# Keys every model's pretrained_cfg has (timm's names); a family class starts from these.
+DEFAULT_PRETRAINED_CFG = dict(input_size=(3, 224, 224), fixed_input_size=False, crop_pct=0.875,
+                              interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                              classifier="head", first_conv=None)
 
 
-def list_models() -> list[str]:
-    return sorted(MODEL_CONFIGS)
+@dataclass(frozen=True)
+class Family:
+    """A model family: its class, how the authors' release files map to its state dict, provenance."""
+
+    name: str
+    model_class: type[nn.Module]
+    checkpoint_filter: Callable[[dict, nn.Module], dict] | None = None  # authors' keys -> ours
+    paper: str = ""                 # the paper, for tables
+    verified_against: str = ""      # the official code its goldens were recorded from
+    stvit_only_tools: bool = False  # visualize / bench scaling work on this family
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered variant."""
+
+    name: str
+    family: str
+    builder: Callable[..., nn.Module]
+    pretrained_cfg: dict  # what differs from the model class's own pretrained_cfg
+    paper: dict = field(default_factory=dict)   # params_m, macs_g, top1 (None where the paper has none)
+    recipe: dict = field(default_factory=dict)  # differences from train's paper preset
+    demo: dict = field(default_factory=dict)    # differences from train's demo preset
+    aliases: tuple[str, ...] = ()
+
+
+FAMILIES: dict[str, Family] = {}
+MODELS: dict[str, ModelEntry] = {}
+_LOOKUP: dict[str, str] = {}  # normalised name or alias -> canonical name
+
+
+def _key(name: str) -> str:
+    return str(name).strip().lower().replace("-", "_")
+
+
+def register_family(name: str, model_class: type[nn.Module], **info) -> Family:
+    family = Family(name, model_class, **info)
+    FAMILIES[name] = family
+    return family
+
+
+def register_model(family: str, *, pretrained_cfg: dict | None = None, paper: dict | None = None,
+                   recipe: dict | None = None, demo: dict | None = None, aliases: tuple[str, ...] = ()):
+    """Decorator registering ``builder(**overrides) -> model`` under the builder's name."""
+    if family not in FAMILIES:
+        raise ValueError(f"register_family({family!r}, ...) must come before its models")
+
+    def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = builder.__name__
+        entry = ModelEntry(name, family, builder, dict(pretrained_cfg or {}), dict(paper or {}), dict(recipe or {}), dict(demo or {}),
+                           tuple(aliases))
+        for key in (name, *aliases):
+            other = _LOOKUP.get(_key(key))
+            if other is not None and other != name:
+                raise ValueError(f"model name {key!r} is registered twice ({other} and {name})")
+            _LOOKUP[_key(key)] = name
+        MODELS[name] = entry
+        return builder
+
+    return register
+
+
+def list_models(family: str | None = None) -> list[str]:
+    """Registered names (of one family if given), family by family in registration order."""
+    return [n for n, e in MODELS.items() if family is None or e.family == family]
+
+
+def list_families() -> list[str]:
+    return list(FAMILIES)
 
 
 def resolve_name(name: str) -> str:
-    """Canonical model name (``small`` -> ``stvit_small``); ``ValueError`` listing known names."""
-    key = str(name).lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
-    if key not in MODEL_CONFIGS:
-        known = ", ".join(list_models() + sorted(_ALIASES))
-        raise ValueError(f"unknown model {name!r}; known models: {known}")
-    return key
+    """The canonical name of a model (case-insensitive; ``small`` -> ``stvit_small``,
+    ``sot_small`` -> ``SoT_Small``); ``ValueError`` listing every family's models otherwise."""
+    canonical = _LOOKUP.get(_key(name))
+    if canonical is None:
+        listing = "; ".join(f"{fam}: {', '.join(list_models(fam))}" for fam in FAMILIES)
+        raise ValueError(f"unknown model {name!r}; registered models by family: {listing}")
+    return canonical
 
 
-def model_config(name: str, **overrides) -> dict:
-    return {**MODEL_CONFIGS[resolve_name(name)], **overrides}
+def model_entry(name: str) -> ModelEntry:
+    return MODELS[resolve_name(name)]
 
 
-def create_model(name: str, *, pretrained: str | None = None, **overrides) -> STViT:
-    """Build a named STViT; keywords override its configuration (``num_classes``, ``drop_path_rate``,
-    ``features_only``, ``out_indices``, ...). ``pretrained`` is a checkpoint path to load."""
-    model = STViT(**model_config(name, **overrides))
-    model.pretrained_cfg["architecture"] = resolve_name(name)
-    if pretrained:
-        from .checkpoint import load_checkpoint
-        load_checkpoint(model, pretrained)
-    return model
+def family_of(model: nn.Module) -> Family | None:
+    """The registered family whose class ``model`` is (or derives from); None for other modules."""
+    by_class = {family.model_class: family for family in FAMILIES.values()}
+    for cls in type(model).__mro__:  # the most derived registered class wins
+        if cls in by_class:
+            return by_class[cls]
+    return None

@@ -14,8 +14,8 @@ For each chosen stage (default 1 and 2) it writes two PNGs:
   the model normalises them (super tokens are ``Âᵀ X``). Brighter = more attention.
 
 The maps come from the first block of each stage (``--block`` picks another): a forward
-pre-hook captures the block's attention input (the LayerNorm output), and the association is
-recomputed from it here, in float64, with the block's own grid size, iteration count and scale.
+pre-hook captures the block's attention input (the LayerNorm output), and the block's own
+``SuperTokenAttention.association`` runs again on it in float64.
 Token (i, j) of a stage with stride s is drawn over image pixels [s·i, s·(i+1)) × [s·j, s·(j+1)).
 With random weights (no ``--checkpoint``) the tool still works and writes
 "random weights — not a trained model" on every image.
@@ -38,12 +38,11 @@ from PIL.PngImagePlugin import PngInfo
 from .checkpoint import CheckpointError
 from .files import atomic_path
 from .images import ImageError, load_image, resize_shorter_side, to_tensor
-from .model import STViT
-from .predict import default_device, load_model
-from .registry import list_models, resolve_name
+from .models.stvit import STViT, CellTokens, scatter_neighbours, split_qkv_heads
+from .predict import default_device, load_model, model_name_arg
+from .registry import FAMILIES, list_models, model_entry
 
 RANDOM_WEIGHTS_NOTE = "random weights — not a trained model"
-EPS = 1e-12  # the model's guard in the column normalisation
 
 # Nine distinct colours: super token (gy, gx) gets PALETTE[(gy % 3) * 3 + gx % 3], so the 3×3
 # super tokens any token can associate with always have different colours.
@@ -126,54 +125,35 @@ def _with_spare(neighbours: torch.Tensor) -> torch.Tensor:
     return torch.where(neighbours < 0, neighbours.shape[0], neighbours)
 
 
-def _scatter_to_super_tokens(values: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
-    """Sum (M, 9, ...) per-slot values onto the super tokens they point at; drop outside slots."""
-    M = neighbours.shape[0]
-    out = values.new_zeros((M + 1,) + values.shape[2:])
-    out.index_add_(0, _with_spare(neighbours).flatten(), values.flatten(0, 1))
-    return out[:M]
-
-
 def super_token_maps(attn: torch.nn.Module, attn_input: torch.Tensor, *, stage: int = 1, block: int = 0,
                      stride: int = 4) -> SuperTokenMaps:
     """Association and super-token attention of one ``SuperTokenAttention`` for its (1, C, H, W) input.
 
-    Reads the module's grid size, iteration count and refinement weights; recomputes everything
-    in float64 (the model computes the same quantities in its own precision).
+    Runs the module's own association (grid size, iteration count, scale) and refinement weights
+    on a float64 copy of the input (the model computes the same in its own precision).
     """
     h, w = tuple(attn.stoken_size)
     if (h, w) == (1, 1):
         raise ValueError(f"stage {stage} uses a 1×1 grid (plain self-attention): it has no super tokens to show")
-    x = attn_input.detach().to("cpu", torch.float64)[0]
-    C, H, W = x.shape
-    x = torch.nn.functional.pad(x, (0, -W % w, 0, -H % h))  # right/bottom zeros, as the model
-    gh, gw = x.shape[1] // h, x.shape[2] // w
-    pixels = rearrange(x, "c (gy h) (gx w) -> (gy gx) (h w) c", h=h, w=w)     # (M, n, C)
-    neighbours = neighbour_table(gh, gw)
-    scale = float(getattr(attn, "scale", C ** -0.5))
-
-    stokens = pixels.mean(1)                                                 # initial: cell averages
-    for i in range(attn.n_iter):
-        padded = torch.cat([stokens, stokens.new_zeros(1, C)])               # spare slot: zero vector
-        logits = torch.einsum("mnc,mkc->mnk", pixels, padded[_with_spare(neighbours)]) * scale
-        assoc = logits.softmax(-1)
-        column_sum = _scatter_to_super_tokens(assoc.sum(1), neighbours) + EPS
-        stokens = _scatter_to_super_tokens(torch.einsum("mnk,mnc->mkc", assoc, pixels), neighbours)
-        stokens = stokens / column_sum[:, None]  # after the last iteration: the tokens MHSA refines
+    x = attn_input.detach().to("cpu", torch.float64).permute(0, 2, 3, 1)       # (1, H, W, C)
+    _, H, W, C = x.shape
+    x = torch.nn.functional.pad(x, (0, 0, 0, -W % w, 0, -H % h))  # right/bottom zeros, as the model
+    tokens = CellTokens(x, h, w)
+    assoc, norm = attn.association(tokens)                         # (1, gh, gw, n, 9), (1, gh, gw, 1)
+    stokens = scatter_neighbours(tokens.pool(assoc)) / norm        # (1, gh, gw, C): what MHSA refines
+    _, gh, gw, n, _ = assoc.shape
     return SuperTokenMaps(stage=stage, block=block, stride=stride, stoken_size=(h, w), token_hw=(H, W),
-                          grid_hw=(gh, gw), association=assoc, neighbours=neighbours, column_sum=column_sum,
-                          super_attention=_refine_attention(attn.stoken_refine, stokens))
+                          grid_hw=(gh, gw), association=assoc.reshape(gh * gw, n, 9),
+                          neighbours=neighbour_table(gh, gw), column_sum=norm.reshape(gh * gw),
+                          super_attention=_refine_attention(attn.stoken_refine, stokens.permute(0, 3, 1, 2)))
 
 
 def _refine_attention(refine: torch.nn.Module, stokens: torch.Tensor) -> torch.Tensor:
-    """Head-averaged softmax(q kᵀ · scale) of the refinement MHSA over (M, C) super tokens."""
-    C = stokens.shape[1]
-    weight = refine.qkv.weight.detach().to("cpu", torch.float64).reshape(3 * C, C)
-    qkv = stokens @ weight.T
-    if refine.qkv.bias is not None:
-        qkv = qkv + refine.qkv.bias.detach().to("cpu", torch.float64)
-    q, k, _ = rearrange(qkv, "m (h three d) -> three h m d", h=refine.num_heads, three=3)
-    return ((q @ k.transpose(1, 2)) * refine.scale).softmax(-1).mean(0)
+    """Head-averaged softmax(q kᵀ · scale) of the refinement MHSA over (1, C, gh, gw) super tokens."""
+    weight = refine.qkv.weight.detach().to("cpu", torch.float64)
+    bias = refine.qkv.bias.detach().to("cpu", torch.float64) if refine.qkv.bias is not None else None
+    q, k, _ = split_qkv_heads(torch.nn.functional.conv2d(stokens, weight, bias), refine.num_heads)
+    return ((q[0] @ k[0].transpose(1, 2)) * refine.scale).softmax(-1).mean(0)
 
 
 @torch.no_grad()
@@ -207,8 +187,13 @@ def analyse(model: STViT, x: torch.Tensor, stages: Sequence[int] = (1, 2), block
             for s, b in pairs]
 
 
-def check_stages(model: STViT, stages: Sequence[int], block: int) -> None:
-    """Clear errors for stages or blocks the model lacks, or stages without super tokens."""
+def check_stages(model: torch.nn.Module, stages: Sequence[int], block: int) -> None:
+    """Clear errors for a model without super tokens, stages or blocks it lacks, or stages without
+    super tokens."""
+    if not isinstance(model, STViT):
+        name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+        raise ValueError(f"visualize draws super tokens, which only STViT models have; {name} is not one. "
+                         f"Use --model with one of {', '.join(list_models('stvit'))}")
     for stage in stages:
         if not 1 <= stage <= len(model.layers):
             raise ValueError(f"stage {stage} does not exist; the model has stages 1..{len(model.layers)}")
@@ -329,19 +314,46 @@ def _drawable(font, text: str) -> str:
     return text
 
 
+def wrap_text(text: str, width: int, measure) -> list[str]:
+    """``text`` broken at spaces into lines whose ``measure(line)`` fits ``width`` pixels (a single
+    word wider than that is broken between characters)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and measure(candidate) <= width:
+            lines[-1] = candidate
+            continue
+        while measure(word) > width and len(word) > 1:
+            cut = len(word) - 1
+            while cut > 1 and measure(word[:cut]) > width:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return lines
+
+
 def add_caption(image: Image.Image, lines: Sequence[str], warnings: Sequence[str] = ()) -> Image.Image:
-    """The image with a dark strip below it holding ``lines`` (white) and ``warnings`` (red)."""
+    """The image with a dark strip below it holding ``lines`` (white) and ``warnings`` (red), each
+    wrapped to the picture's width."""
     font = _font()
-    texts = [(_drawable(font, line), (235, 235, 235)) for line in lines]
-    texts += [(_drawable(font, line), (255, 70, 70)) for line in warnings]
     probe = ImageDraw.Draw(image)
+    margin = 4
+
+    def measure(text: str) -> float:
+        return probe.textlength(text, font=font)
+
+    texts = []
+    for group, colour in ((lines, (235, 235, 235)), (warnings, (255, 70, 70))):
+        for line in group:
+            texts += [(part, colour) for part in wrap_text(_drawable(font, line), image.width - 2 * margin, measure)]
     line_h = 16
-    width = max([image.width] + [int(probe.textlength(t, font=font)) + 8 for t, _ in texts])
+    width = image.width
     canvas = Image.new("RGB", (width, image.height + line_h * len(texts) + 6), (24, 24, 24))
     canvas.paste(image, (0, 0))
     draw = ImageDraw.Draw(canvas)
     for i, (text, colour) in enumerate(texts):
-        draw.text((4, image.height + 3 + i * line_h), text, fill=colour, font=font)
+        draw.text((margin, image.height + 3 + i * line_h), text, fill=colour, font=font)
     return canvas
 
 
@@ -380,11 +392,13 @@ def visualize(model: STViT, image: Image.Image, *, stages: Sequence[int] = (1, 2
     return pictures
 
 
-def _model_name(value: str) -> str:
-    try:
-        return resolve_name(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def _stvit_model_name(value: str) -> str:
+    name = model_name_arg(value)
+    if not FAMILIES[model_entry(name).family].stvit_only_tools:
+        raise argparse.ArgumentTypeError(
+            f"visualize draws super tokens, which only STViT models have; {name} is a "
+            f"{model_entry(name).family} model. Choose one of {', '.join(list_models('stvit'))}")
+    return name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -393,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw an image's super tokens (paper Fig. 4) and the effective attention of one pixel "
                     "through them (Fig. 2d), for stages 1 and 2.")
     parser.add_argument("image", metavar="IMAGE", help="an image file (JPEG, PNG, ...)")
-    parser.add_argument("--model", type=_model_name, default="stvit_small",
-                        help=f"model name, one of {', '.join(list_models())} (default: stvit_small)")
+    parser.add_argument("--model", type=_stvit_model_name, default="stvit_small",
+                        help=f"an STViT model, one of {', '.join(list_models('stvit'))} (default: stvit_small)")
     parser.add_argument("--checkpoint", metavar="FILE", help="weights to load; without it: random weights")
     parser.add_argument("--out", metavar="DIR", default=".", help="folder for the PNGs (default: current folder)")
     parser.add_argument("--anchor", nargs=2, type=float, metavar=("X", "Y"),

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reference
-from stvit.attention import SuperTokenAttention
+from stvit.models.stvit import SuperTokenAttention
 
 FORMS = ("cells", "map")
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

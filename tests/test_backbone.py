@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import stvit
+from stvit.models.stvit import STVIT_CONFIGS
 
 
 def conv_out(n: int, kernel: int = 3, stride: int = 2, padding: int = 1) -> int:
@@ -49,7 +50,7 @@ def test_stage_maps_have_the_conv_arithmetic_shapes(tiny_backbone, hw):
 def test_feature_info_lists_channels_strides_and_modules(tiny_backbone):
     info = tiny_backbone.feature_info
     assert [f["reduction"] for f in info] == [4, 8, 16, 32] == info.reduction()
-    assert info.channels() == stvit.model_config("stvit_tiny")["embed_dim"]
+    assert info.channels() == STVIT_CONFIGS["stvit_tiny"]["embed_dim"]
     modules = dict(tiny_backbone.named_modules())
     assert all(f["module"] in modules for f in info)
 
@@ -139,7 +140,7 @@ def test_no_weight_decay_names_the_layer_scale_gammas():
     params = dict(model.named_parameters())
     assert names and names <= set(params)
     assert all(n.rsplit(".", 1)[-1] in ("gamma_1", "gamma_2") for n in names)
-    assert len(names) == 2 * sum(stvit.model_config("stvit_tiny")["depths"][2:])
+    assert len(names) == 2 * sum(STVIT_CONFIGS["stvit_tiny"]["depths"][2:])
     assert stvit.create_model("stvit_tiny").no_weight_decay() == set()
 
 

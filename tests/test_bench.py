@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import stvit
+from stvit.models.stvit import STVIT_CONFIGS
 from bench import __main__ as cli
 from bench.authors import AuthorsCodeError, check_same_output, import_authors_module, load_authors_twin
 from bench.common import format_table, peak_memory, summarize, write_json
@@ -30,21 +31,40 @@ def _restore_threads():  # --threads changes torch's global thread count
 
 def test_flops_json_has_paper_columns(tmp_path):
     out = tmp_path / "flops.json"
-    cli.main(["flops", "--default-allocator", "--models", "tiny", "--sizes", "64", "--json", str(out)])
+    cli.main(["flops", "--default-allocator", "--models", "tiny", "small", "--sizes", "64", "224",
+              "--json", str(out)])
     result = json.loads(out.read_text())
     assert result["command"] == "flops"
-    (row,) = result["rows"]
-    assert set(row) == {"model", "size", "params_m", "macs_g", "paper_params_m", "paper_macs_g"}
+    rows = {(r["model"], r["size"]): r for r in result["rows"]}
+    assert set(rows) == {(m, s) for m in ("stvit_tiny", "stvit_small") for s in (64, 224)}
+    row = rows[("stvit_tiny", 64)]
+    assert set(row) == {"model", "family", "size", "params_m", "macs_g", "paper_params_m", "paper_macs_g",
+                        "paper_top1"}
     model = stvit.create_model("tiny")
     assert row["params_m"] == pytest.approx(stvit.count_params(model) / 1e6)
     assert row["macs_g"] == pytest.approx(stvit.count_macs(model, (3, 64, 64)) / 1e9)
     assert row["paper_macs_g"] is None  # the paper has no tiny model
+    small = rows[("stvit_small", 224)]
+    paper = stvit.model_entry("stvit_small").paper
+    assert (small["paper_params_m"], small["paper_macs_g"], small["paper_top1"]) == (
+        paper["params_m"], paper["macs_g"], paper["top1"])
+    assert small["macs_g"] == pytest.approx(paper["macs_g"], rel=0.02)  # the count agrees with the paper
+    assert rows[("stvit_small", 64)]["paper_macs_g"] is None  # the paper's figures are at 224² only
 
 
-def test_paper_values_are_the_papers():
-    from bench.flops import PAPER
-    assert PAPER[("stvit_small", 224)] == dict(params_m=25.0, macs_g=4.4)
-    assert PAPER[("stvit_large", 224)] == dict(params_m=95.0, macs_g=15.6)
+def test_registered_paper_numbers_fit_the_models():
+    """Every paper figure a registration carries is within rounding of what the model has: a typo or a
+    figure copied to the wrong variant fails here (papers round parameters to 0.1-1 M)."""
+    checked = 0
+    for name in stvit.list_models():
+        paper = stvit.model_entry(name).paper
+        if paper.get("params_m") is None:
+            continue
+        with torch.device("meta"):  # parameter counts without allocating or initialising weights
+            params = stvit.count_params(stvit.create_model(name)) / 1e6
+        assert params == pytest.approx(paper["params_m"], rel=0.03, abs=0.06), name
+        checked += 1
+    assert checked >= 3
 
 
 THROUGHPUT_FIELDS = {"model", "batch", "size", "mode", "img_per_s", "img_per_s_min", "img_per_s_max", "median_ms",
@@ -95,7 +115,7 @@ def test_authors_twin_gives_our_output():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-    theirs = load_authors_twin(AUTHORS_CODE, ours, stvit.model_config("tiny"))
+    theirs = load_authors_twin(AUTHORS_CODE, ours, STVIT_CONFIGS["stvit_tiny"])
     assert check_same_output(ours, theirs) < 1e-4
     with torch.no_grad():  # a different weight must be caught
         next(theirs.parameters()).add_(0.5)
@@ -188,9 +208,13 @@ def test_allocator_tuning_is_reported():
     """Run in a subprocess: mallopt changes the whole process, so keep it out of the test runner."""
     import subprocess
     import sys
+    import ctypes.util
+    glibc = bool(ctypes.util.find_library("c")) and sys.platform.startswith("linux")
     code = ("import torch; from bench.common import tune_cpu_allocator, machine_info; "
+            "before = machine_info(torch.device('cpu'))['allocator']; "
             "ok = tune_cpu_allocator(); info = machine_info(torch.device('cpu')); "
-            "print(ok, 'mallopt' in info['allocator'])")
+            "print(before, ok, 'mallopt' in info['allocator'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[1])
-    assert out.stdout.split()[-2:] in (["True", "True"], ["False", "False"]), out.stderr
+    # On glibc (Linux) the tuning applies and is reported; elsewhere it is reported as not applied.
+    assert out.stdout.split()[-3:] == ["default", str(glibc), str(glibc)], out.stderr

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import stvit
-from stvit.attention import SuperTokenAttention
+from stvit.models.stvit import SuperTokenAttention
 
 # The authors' parameter counts (official_state_dict_keys.json) and the paper's MACs at 224².
 PAPER = {"stvit_small": (25_495_624, 4.35e9), "stvit_base": (51_691_288, 9.84e9),
@@ -20,7 +20,8 @@ def test_params_and_macs_match_the_paper(name):
 
 
 def test_registry_aliases_and_unknown_name():
-    assert stvit.list_models() == ["stvit_base", "stvit_large", "stvit_small", "stvit_tiny"]
+    assert stvit.list_models("stvit") == ["stvit_tiny", "stvit_small", "stvit_base", "stvit_large"]
+    assert stvit.resolve_name("SMALL") == stvit.resolve_name("stvit-small") == "stvit_small"
     assert stvit.create_model("small").embed_dim == stvit.create_model("stvit_small").embed_dim
     with pytest.raises(ValueError, match="unknown model 'stvit_huge'.*stvit_small"):
         stvit.create_model("stvit_huge")
@@ -29,7 +30,7 @@ def test_registry_aliases_and_unknown_name():
 def test_overrides_reach_the_model():
     model = stvit.create_model("tiny", num_classes=7, drop_path_rate=0.2)
     assert model.head.out_features == 7
-    assert max(m.p for m in model.modules() if isinstance(m, stvit.model.DropPath)) == pytest.approx(0.2)
+    assert max(m.p for m in model.modules() if isinstance(m, stvit.contract.DropPath)) == pytest.approx(0.2)
 
 
 def authors_release(model):

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import stvit
-from stvit.model import ResidualDepthwiseConv
-from stvit.optimize import OptimizedModel, fold_batchnorms, fold_bn_conv, fold_conv_bn, optimize
+from stvit.models.stvit import ResidualDepthwiseConv
+from stvit.optimize import OptimizedModel, fold_bn_conv, fold_conv_bn, optimize
 
 FP32_TOL = 1e-4
 BF16_TOL = 5e-2
@@ -51,7 +51,7 @@ def assert_close_to(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
 def test_fold_batchnorms_is_exact_in_float64():
     model = micro_model(layerscale=[False, False, True, True]).double()
     folded = copy.deepcopy(model)
-    names = fold_batchnorms(folded)
+    names = [n for n in folded.prepare_inference() if not n.endswith("(identity)")]
     # Every Downsample BN, every block's norm2, the head norm; the stem's BNs are not foldable.
     assert names == ["layers.0.blocks.0.norm2", "layers.0.downsample.proj.1", "layers.1.blocks.0.norm2",
                      "layers.1.downsample.proj.1", "layers.2.blocks.0.norm2", "layers.2.downsample.proj.1",
@@ -93,7 +93,7 @@ def test_residual_depthwise_identity_folds_into_the_kernel():
 
 def test_fold_needs_eval_mode():
     with pytest.raises(ValueError, match="eval"):
-        fold_batchnorms(micro_model().train())
+        micro_model().train().prepare_inference()
 
 
 def test_optimize_leaves_the_callers_model_alone():
@@ -182,7 +182,12 @@ def test_compiled_block_trains_like_the_eager_block():
         assert_close_to(p.grad, q.grad, FP32_TOL)
 
 
-def test_optimized_model_repr():
-    fast = optimize(micro_model(), compile=False)
+def test_optimized_model_records_what_the_family_folded():
+    model = micro_model()
+    fast = optimize(model, compile=False)
     assert isinstance(fast, OptimizedModel)
-    assert "folded_batchnorms=8" in repr(fast)
+    assert fast.folded == copy.deepcopy(model).prepare_inference()
+    assert sum(n.endswith("(identity)") for n in fast.folded) == 8  # every residual depthwise conv
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) == 4  # only the stem's are left
+    unfolded = optimize(model, compile=False, fold=False)
+    assert unfolded.folded == [] and sum(isinstance(m, nn.BatchNorm2d) for m in unfolded.modules()) == 12

@@ -173,7 +173,7 @@ def check_compatible(state: dict, *, model: str, num_classes: int, global_batch:
     problems = []
     if state.get("model") != model:
         problems.append(f"it is a checkpoint of {state.get('model')}, this run builds {model} (use --model "
-                        f"{str(state.get('model')).removeprefix('stvit_')})")
+                        f"{state.get('model')})")
     if state.get("num_classes") != num_classes:
         problems.append(f"it has {state.get('num_classes')} classes, this dataset has {num_classes}")
     if state.get("global_batch") != global_batch:

@@ -21,6 +21,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 
 import stvit
+from stvit import precision
 
 REFERENCE_BATCH = 1024  # --lr is quoted at this global batch and scaled linearly
 
@@ -30,6 +31,7 @@ PAPER = dict(
     smoothing=0.1, mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5, mixup_prob=1.0,
     aa="rand-m9-mstd0.5-inc1", reprob=0.25, repeats=3, train_interpolation="bicubic",
     crop_scale_min=0.08, crop_pct=0.875, drop=0.0, model_eval_mode=False, num_workers=10,
+    model_ema=False, model_ema_decay=0.99996,
 )
 # The authors fine-tune at 384² with lr 5e-6 at their global batch of 8 × 64 = 512 (i.e. 1e-5 at
 # 1024), lr == min-lr (a constant schedule), no warm-up, weight decay 1e-8, 30 epochs, and keep the
@@ -43,8 +45,9 @@ DEMO = dict(PAPER, input_size=32, batch_size=64, epochs=25, lr=0.064, min_lr=1e-
             crop_scale_min=0.5, num_workers=1)
 PRESETS = {"paper": PAPER, "finetune": FINETUNE, "demo": DEMO}
 
-# Stochastic depth per model (paper / authors' README): S 0.1, B 0.4, L 0.6.
-DROP_PATH = {"stvit_tiny": 0.0, "stvit_small": 0.1, "stvit_base": 0.4, "stvit_large": 0.6}
+# A family's recipe differs from these presets where its registration says so (``recipe`` for the
+# paper preset, ``demo`` for the demo preset; ``drop_path`` in ``recipe`` applies to every preset):
+# see stvit/registry.py and each family's file.
 DEMO_DATASET = dict(num_classes=10, train_per_class=200, val_per_class=50, image_size=64)
 
 
@@ -125,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "large --data-path /imagenet. Options left out take the values of the preset "
                     "(paper / finetune / demo); the resolved configuration is printed and saved.")
     a = p.add_argument
-    a("--model", default=None, help="tiny | small | base | large (or stvit_*); default: tiny for the demo, "
-      "small otherwise")
+    a("--model", default=None, help="any registered model (python -c 'import stvit; print(stvit.list_models())'): "
+      "stvit_tiny/small/base/large (or tiny/small/...), sgformer_*, So_vit_*, SoT_*, lvt_*; default: stvit_tiny "
+      "for the demo, stvit_small otherwise")
     a("--data-path", default=None, help="folder with train/<class>/ and val/<class>/ image folders; "
       "without it the built-in demo dataset is generated and used")
     a("--preset", choices=sorted(PRESETS), default=None,
@@ -154,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-size", type=int, default=None)
     g.add_argument("--drop", type=float, default=None, help="dropout rate")
     g.add_argument("--drop-path", type=float, default=None,
-                   help="stochastic depth rate; default per model: S 0.1, B 0.4, L 0.6, tiny 0")
+                   help="stochastic depth rate; default: the model's registered recipe (STViT S 0.1, B 0.4, "
+                   "L 0.6; SG-Former S/M/B 0.1/0.2/0.4; ...), 0 in the demo")
     g.add_argument("--smoothing", type=float, default=None, help="label smoothing")
     g.add_argument("--mixup", type=float, default=None, help="Mixup alpha (0 disables)")
     g.add_argument("--cutmix", type=float, default=None, help="CutMix alpha (0 disables)")
@@ -185,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", default=None, help="start from these weights with the fine-tune preset; "
                    "a classifier of another size is replaced by a new one")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile each transformer block")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+    g.add_argument("--precision", choices=precision.PRECISIONS, default=None,
                    help="bf16: FSDP2 mixed precision (bf16 compute, fp32 weights, optimizer and gradient "
                    "reduction; BatchNorm kept in fp32); auto (default): bf16 on GPU, fp32 on CPU")
     g.add_argument("--grad-checkpoint", action="store_true", default=None,
@@ -225,11 +230,11 @@ def _output_dir(args: argparse.Namespace, default: str) -> str:
 
 # Options a resumed run takes from its saved config.json unless given again (test hooks and the
 # choice of what to do — --eval, --checkpoint, --finetune — are never inherited).
-INHERITED = ("model", "data_path", "preset", "accum_steps", "drop_path", "seed", "ckpt_every", "model_ema",
-             "model_ema_decay", "compile", "grad_checkpoint", "precision", "log_every", *PAPER)
+INHERITED = ("model", "data_path", "preset", "accum_steps", "drop_path", "seed", "ckpt_every", "compile",
+             "grad_checkpoint", "precision", "log_every", *PAPER)
 # Options that are neither in a preset nor inherited take TrainConfig's defaults.
 BUILTIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-                    if f.name in ("accum_steps", "seed", "ckpt_every", "model_ema", "model_ema_decay", "compile",
+                    if f.name in ("accum_steps", "seed", "ckpt_every", "compile",
                                   "grad_checkpoint", "precision")}
 
 
@@ -267,9 +272,11 @@ def resolve_config(args: argparse.Namespace, world_size: int = 1) -> TrainConfig
     preset = PRESETS[preset_name]
     model_name = args.model or ("tiny" if preset_name == "demo" and not args.data_path else "small")
     try:
-        model = stvit.resolve_name(model_name)
+        entry = stvit.model_entry(model_name)
     except ValueError as e:
         raise ConfigError(f"--model: {e}") from None
+    model = entry.name
+    preset = {**preset, "drop_path": 0.0, **model_recipe(entry, preset_name)}
 
     def pick(name: str):
         value = getattr(args, name, None)
@@ -277,14 +284,13 @@ def resolve_config(args: argparse.Namespace, world_size: int = 1) -> TrainConfig
 
     values = {name: pick(name) for name in preset}
     values["opt_betas"] = tuple(values["opt_betas"])
-    values["drop_path"] = args.drop_path if args.drop_path is not None else DROP_PATH.get(model, 0.1)
     values["num_workers"] = args.num_workers if args.num_workers is not None else preset["num_workers"]
     global_batch = values["batch_size"] * world_size * args.accum_steps
     cfg = TrainConfig(
         preset=preset_name, model=model, data_path=args.data_path,
-        output_dir=_output_dir(args, f"runs/{preset_name}-{model.removeprefix('stvit_')}"),
+        output_dir=_output_dir(args, f"runs/{preset_name}-{model}"),
         accum_steps=args.accum_steps, world_size=world_size, global_batch=global_batch,
-        base_lr=values.pop("lr"), lr=0.0, model_ema=args.model_ema, model_ema_decay=args.model_ema_decay,
+        base_lr=values.pop("lr"), lr=0.0,
         seed=args.seed, resume=args.resume, eval_only=args.eval_only, checkpoint=args.checkpoint,
         finetune=args.finetune, ckpt_every=args.ckpt_every, compile=args.compile,
         grad_checkpoint=args.grad_checkpoint, precision=args.precision, max_steps=args.max_steps,
@@ -296,6 +302,21 @@ def resolve_config(args: argparse.Namespace, world_size: int = 1) -> TrainConfig
         cfg.min_lr, cfg.warmup_epochs = cfg.lr, 0
     validate(cfg)
     return cfg
+
+
+def model_recipe(entry, preset_name: str) -> dict:
+    """What a registered model changes in a preset: its ``recipe`` (the paper preset; its
+    ``drop_path`` in every preset) and its ``demo`` settings (the demo preset)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    changes = dict(entry.recipe) if preset_name == "paper" else {}
+    if preset_name == "demo":
+        changes.update(entry.demo)
+    if "drop_path" in entry.recipe and preset_name != "demo":
+        changes["drop_path"] = entry.recipe["drop_path"]
+    unknown = set(changes) - known
+    if unknown:  # a registration error, not a user's: say where to fix it
+        raise ValueError(f"{entry.name}'s registered recipe has keys train does not know: {sorted(unknown)}")
+    return changes
 
 
 def validate(cfg: TrainConfig) -> None:

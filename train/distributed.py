@@ -76,10 +76,6 @@ def world_size_hint() -> int:
     return int(os.environ.get("WORLD_SIZE", 1)) if launched_by_torchrun() else 1
 
 
-def blocks_of(model: nn.Module) -> list[nn.Module]:
-    return [block for stage in model.layers for block in stage.blocks]
-
-
 def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False, bf16: bool = False) -> nn.Module:
     """Move to the device, optionally compile each block, then FSDP2-shard each block and the root.
 
@@ -94,9 +90,9 @@ def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False, 
     """
     model.to(env.device)
     if compile_blocks:
-        for block in blocks_of(model):
+        for block in model.repeated_blocks():  # the model contract names its blocks
             # Static shapes: one graph per input shape (training batch, evaluation batch, last partial
-            # batch). Dynamic-shape graphs of the super-token padding arithmetic fail in inductor (torch 2.13).
+            # batch). Dynamic-shape graphs of STViT's super-token padding arithmetic fail in inductor (torch 2.13).
             block.compile(dynamic=False)
     if not env.use_fsdp:
         if bf16:
@@ -113,7 +109,7 @@ def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False, 
                 fully_shard(norm, mesh=env.mesh, mp_policy=keep_fp32)
     mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                  if bf16 else MixedPrecisionPolicy())
-    for block in blocks_of(model):
+    for block in model.repeated_blocks():
         fully_shard(block, mesh=env.mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=env.mesh, mp_policy=mp_policy)
     return model

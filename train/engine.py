@@ -14,13 +14,22 @@ import hashlib
 import math
 import random
 import struct
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from train import distributed
-from train.mixup import Mixup, label_smoothing_cross_entropy, soft_target_cross_entropy
+from train.mixup import Mixup, smooth_one_hot
+
+
+class StepStats(NamedTuple):
+    """One optimizer step, summed over processes."""
+
+    loss_sum: float  # sum of per-image losses
+    images: float
+    skipped: float  # unreadable images dropped from the batch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,19 +47,12 @@ def micro_batches(images: torch.Tensor, targets: torch.Tensor, accum_steps: int)
     return [(images[m::accum_steps], targets[m::accum_steps]) for m in range(accum_steps)]
 
 
-def compute_loss(logits: torch.Tensor, targets: torch.Tensor, soft_targets: torch.Tensor | None,
-                 smoothing: float) -> torch.Tensor:
-    if soft_targets is not None:
-        return soft_target_cross_entropy(logits.float(), soft_targets)
-    return label_smoothing_cross_entropy(logits.float(), targets, smoothing)
-
-
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor,
                *, env, cfg, mixup: Mixup | None, step: int, skipped: int = 0,
-               fault_nan: bool = False) -> tuple[float, float, float]:
+               fault_nan: bool = False) -> StepStats:
     """Forward/backward over the micro-batches of this process, then one optimizer update.
 
-    Returns the global ``[loss_sum, images, skipped_images]`` of this step summed over processes (float64). Raises
+    Returns the step's :class:`StepStats`, summed over processes (float64). Raises
     :class:`NonFiniteLossError` on every process alike (the check uses the all-reduced sum) before
     the weights are updated.
     """
@@ -68,10 +70,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
             y = torch.zeros(2, dtype=torch.long)
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        soft = None
+        # One stream per slot for the batch's draws: Mixup/CutMix first, then the model's own (MixToken).
+        rng = random.Random(derive_seed(cfg.seed, step, slot, 1))
         if mixup is not None:
-            x, soft = mixup(x, y, random.Random(derive_seed(cfg.seed, step, slot, 1)))
-        loss = compute_loss(model(x), y, soft, cfg.smoothing)
+            x, soft = mixup(x, y, rng)
+        else:
+            soft = smooth_one_hot(y, cfg.num_classes, cfg.smoothing)
+        # The model's objective (the contract's training_loss): soft-target cross-entropy of its
+        # logits, or a family's own (LVT: MixToken with the auxiliary token loss).
+        loss = model.training_loss(x, soft, rng)
         if fault_nan:
             loss = loss * float("nan")
         weight = 0.0 if n == 0 else 1.0
@@ -87,7 +94,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, count, skipped
+    return StepStats(loss_sum, count, skipped)
 
 
 @torch.no_grad()

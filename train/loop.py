@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 import stvit
+from stvit import precision
 from train import checkpoint, distributed, engine
 from train.config import ConfigError, TrainConfig
 from train.data import DataError, build_datasets, collate_skip_corrupt
@@ -33,6 +35,17 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
+        # Filled in by the build_* steps, in this order (all exist from the start, for readers).
+        self.train_ds = self.val_ds = None                   # build_data
+        self.train_sampler = self.train_loader = self.val_loader = None
+        self.step_batch = self.steps_per_epoch = 0
+        self.model: nn.Module | None = None                  # build_model
+        self.num_params = 0
+        self.bf16 = False
+        self.optimizer: torch.optim.Optimizer | None = None  # build_training
+        self.ema: WeightEMA | None = None
+        self.schedule = self.mixup = None
+        self.state: dict = {}
 
     def log(self, message: str) -> None:
         if self.env.is_main:
@@ -85,18 +98,18 @@ class Run:
             model.set_grad_checkpointing(True)
         self.num_params = sum(p.numel() for p in model.parameters())
         torch.manual_seed(cfg.seed + self.env.rank)
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.env.device.type == "cuda")
+        self.bf16 = precision.resolve(cfg.precision, self.env.device) == torch.bfloat16
         self.model = distributed.prepare_model(model, self.env, compile_blocks=cfg.compile, bf16=self.bf16)
 
     def load_finetune_weights(self, model, path: str) -> None:
-        state = stvit.read_checkpoint(path)
-        head = state.get("head.weight")
-        if head is not None and head.shape != model.head.weight.shape:
-            self.log(f"--finetune: {path} has a {head.shape[0]}-class classifier and this dataset has "
-                     f"{self.cfg.num_classes} classes: the classifier (head.*) is replaced by a new, randomly "
-                     f"initialised one; every other weight is loaded")
-            fresh = model.state_dict()
-            state.update({k: fresh[k] for k in fresh if k.startswith("head.")})
+        state = stvit.checkpoint.filter_for(model, stvit.read_checkpoint(path))
+        fresh = model.state_dict()
+        heads = [k for k in stvit.checkpoint.classifier_keys(model) if k in state and state[k].shape != fresh[k].shape]
+        if heads:
+            self.log(f"--finetune: {path} has a classifier for another number of classes than this dataset's "
+                     f"{self.cfg.num_classes}: {', '.join(heads)} are replaced by new, randomly initialised "
+                     f"weights; every other weight is loaded")
+            state.update({k: fresh[k] for k in heads})
         stvit.load_checkpoint(model, state)
         self.log(f"--finetune: loaded {path}")
 
@@ -166,9 +179,9 @@ class Run:
                 now = time.perf_counter()
                 sums["train_time"] += now - tick
                 tick = now
-                sums["loss_sum"] += stats[0]
-                sums["images"] += stats[1]
-                sums["skipped"] += stats[2]
+                sums["loss_sum"] += stats.loss_sum
+                sums["images"] += stats.images
+                sums["skipped"] += stats.skipped
                 state.update(global_step=step + 1, step_in_epoch=k + 1, epoch_sums=sums)
                 self.report_progress(epoch, k, lr, stats, sums, writer)
                 if step + 1 == kill_step:
@@ -190,7 +203,7 @@ class Run:
 
     def report_progress(self, epoch, k, lr, stats, sums, writer) -> None:
         cfg = self.cfg
-        loss = stats[0] / max(stats[1], 1)
+        loss = stats.loss_sum / max(stats.images, 1)
         writer.log_step(self.state["global_step"], {"loss": loss, "lr": lr})
         done = k + 1
         if done % cfg.log_every and done != self.steps_per_epoch:

@@ -22,13 +22,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN/inf

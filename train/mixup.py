@@ -1,4 +1,5 @@
-"""Mixup / CutMix on whole batches, label smoothing and the soft-target cross-entropy.
+"""Mixup / CutMix on whole batches and label smoothing (the soft-target cross-entropy they feed is
+``stvit.contract.soft_target_cross_entropy``, part of the model contract's default objective).
 
 Batch mode (DeiT's recipe): one ``lam`` and one mixup-or-cutmix decision per batch; every
 sample is mixed with its partner in the *reversed* batch (``images.flip(0)``). Targets become
@@ -11,8 +12,6 @@ import math
 import random
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 
 def smooth_one_hot(targets: torch.Tensor, num_classes: int,
@@ -31,27 +30,6 @@ def smooth_one_hot(targets: torch.Tensor, num_classes: int,
     out = torch.full((targets.shape[0], num_classes), off, dtype=torch.float32,
                      device=targets.device)
     return out.scatter_(1, targets.long().view(-1, 1), on)
-
-
-def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ``-sum(targets * log_softmax(logits))`` (computed in float32)."""
-    if logits.shape != targets.shape:
-        raise ValueError(f"soft targets {tuple(targets.shape)} must match logits "
-                         f"{tuple(logits.shape)}")
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    return torch.sum(-targets.float() * log_probs, dim=-1).mean()
-
-
-class SoftTargetCrossEntropy(nn.Module):
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return soft_target_cross_entropy(logits, targets)
-
-
-def label_smoothing_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
-                                  smoothing: float = 0.1) -> torch.Tensor:
-    """Cross-entropy against ``smooth_one_hot(targets, C, smoothing)`` (the loss when mixup is
-    off); equal to timm's LabelSmoothingCrossEntropy."""
-    return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
 
 def _as_rng(generator) -> random.Random:

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from stvit.images import center_crop, check_mean_std, eval_resize_size, resize_to_cover, to_tensor
-from stvit.model import IMAGENET_MEAN as IMAGENET_DEFAULT_MEAN
-from stvit.model import IMAGENET_STD as IMAGENET_DEFAULT_STD
+from stvit.models.stvit import IMAGENET_MEAN as IMAGENET_DEFAULT_MEAN
+from stvit.models.stvit import IMAGENET_STD as IMAGENET_DEFAULT_STD
 from train.augment import RandAugment, RandomErasing, pil_interpolation
 
 Transform = Callable[[object, random.Random], object]

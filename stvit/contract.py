@@ -1,0 +1,136 @@
+"""The model contract every family implements, and the few pieces the families share.
+
+A model (``stvit.create_model(name)`` or a family class built directly) answers:
+
+====================================  ============================================================
+``forward(x)``                        logits (B, num_classes); with ``features_only=True`` the list
+                                      of NCHW feature maps that ``feature_info`` describes
+``forward_features(x)``               the final features before pooling
+``forward_head(x, pre_logits=False)`` pooling (+ classifier)
+``get_classifier()`` /                the classifier module; a new one for ``num_classes``
+``reset_classifier(num_classes)``
+``no_weight_decay()``                 parameter names exempt from weight decay beyond 1-D
+                                      parameters and biases (which the trainer always exempts)
+``set_grad_checkpointing(enable)``    recompute block activations in backward
+``repeated_blocks()``                 the blocks ``train`` compiles and FSDP2 shards one by one
+                                      (torchtitan's ``model.layers``)
+``check_input(x)``                    a clear ``ValueError`` for an input the model cannot take
+``training_loss(x, soft_targets,      the training objective for (B, num_classes) soft targets;
+rng)``                                default: soft-target cross-entropy of ``forward(x)``. A family
+                                      with its own objective (LVT's MixToken) overrides it and
+                                      draws its randomness from ``rng`` (a ``random.Random``)
+``prepare_inference()``               optional: fold what eval mode makes foldable (BatchNorm…) in
+                                      place; returns the names of what it folded (``stvit.optimize``)
+``pretrained_cfg``, ``feature_info``, attributes (timm's names)
+``num_classes``, ``num_features``,
+``in_chans``, ``features_only``
+====================================  ============================================================
+
+:class:`ModelBase` supplies the defaults; a family overrides what differs.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import DEFAULT_PRETRAINED_CFG
+
+IMAGENET_MEAN = DEFAULT_PRETRAINED_CFG["mean"]
+IMAGENET_STD = DEFAULT_PRETRAINED_CFG["std"]
+
+
+class FeatureInfo(list):
+    """List of ``{num_chs, reduction, module}`` dicts, one per returned feature map (timm's convention).
+
+    ``module`` names the submodule whose output is that map (for hooks); ``reduction`` is the
+    map's stride in input pixels.
+    """
+
+    def channels(self) -> list[int]:
+        return [f["num_chs"] for f in self]
+
+    def reduction(self) -> list[int]:
+        return [f["reduction"] for f in self]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample, rescale the survivors."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """The stochastic depth decay rule: rates rising linearly from 0 to ``rate`` over ``depth`` blocks
+    (``torch.linspace(0, rate, depth)``, in Python so models can be built on the meta device)."""
+    return [rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``-sum(targets * log_softmax(logits))`` (computed in float32)."""
+    if logits.shape != targets.shape:
+        raise ValueError(f"soft targets {tuple(targets.shape)} must match logits {tuple(logits.shape)}")
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return torch.sum(-targets.float() * log_probs, dim=-1).mean()
+
+
+def check_image_batch(x, in_chans: int) -> None:
+    """A (B, in_chans, H, W) tensor, or a ``ValueError`` that says what to change."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"expected x of shape (B, C, H, W), a 4-D tensor, got {shape}; "
+                         f"add a batch dimension with x[None] for a single image")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"x has {x.shape[1]} channels but the model expects in_chans={in_chans}; "
+                         f"convert the image (e.g. to RGB) or build the model with in_chans={x.shape[1]}")
+
+
+def check_out_indices(out_indices: Sequence[int], count: int, what: str = "stage") -> tuple[int, ...]:
+    """``out_indices`` as a tuple of valid indices in ``0..count-1`` (negative ones count from the end)."""
+    indices = tuple(int(i) + count if int(i) < 0 else int(i) for i in out_indices)
+    if not indices or any(i not in range(count) for i in indices):
+        raise ValueError(f"out_indices={tuple(out_indices)}: expected {what} indices in 0..{count - 1}")
+    return indices
+
+
+class ModelBase(nn.Module):
+    """Defaults of the contract (see the module docstring); families subclass it."""
+
+    in_chans: int = 3
+    num_classes: int = 0
+    num_features: int = 0
+    features_only: bool = False
+
+    def check_input(self, x: torch.Tensor) -> None:
+        check_image_batch(x, self.in_chans)
+
+    def get_classifier(self) -> nn.Module:
+        return self.get_submodule(self.pretrained_cfg.get("classifier", "head"))
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        raise NotImplementedError(f"{type(self).__name__} must list its blocks in repeated_blocks()")
+
+    def training_loss(self, x: torch.Tensor, soft_targets: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        return soft_target_cross_entropy(self(x), soft_targets)
+
+    def prepare_inference(self) -> list[str]:
+        return []

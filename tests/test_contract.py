@@ -1,0 +1,236 @@
+"""One sweep over every registered family through the same checks: the model
+contract of ``stvit/contract.py`` holds for all of them, so ``train`` and ``bench`` can stay generic.
+
+Per family (its small variant of ours, the one registered without paper numbers): forward and ``features_only`` shapes at two input sizes it accepts, the classifier
+calls, a state-dict round trip through ``load_checkpoint``, ``optimize`` equal to eager,
+``no_weight_decay`` names that exist, gradient checkpointing equal to the plain backward, one
+training step through the real loop (``python -m train`` in-process), and FSDP2 wrapping of the
+declared blocks on 2 CPU processes. Plus the clear errors: unknown model, wrong input size,
+a checkpoint of another family.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import stvit
+from stvit.contract import ModelBase
+from train.__main__ import main as train_main
+from train.synthetic import ensure_demo_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = stvit.list_families()
+
+
+def tiny_of(family: str) -> str:
+    """The family's variant of ours for demos and tests: the one registered without paper numbers."""
+    names = [n for n in stvit.list_models(family) if not stvit.model_entry(n).paper]
+    assert len(names) == 1, f"family {family} must register exactly one variant of ours (no paper numbers)"
+    return names[0]
+
+
+def build(family: str, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return stvit.create_model(tiny_of(family), **overrides)
+
+
+def sizes(model) -> list[tuple[int, int]]:
+    """Two input sizes the model accepts: its own, and one pixel shorter (every family takes that:
+    the stem's strides round up)."""
+    _, h, w = model.pretrained_cfg["input_size"]
+    return [(h, w), (h - 1, w)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_every_family_is_registered_with_provenance():
+    assert {"stvit", "sgformer", "sovit", "sot", "lvt"} <= set(FAMILIES)
+    for family in FAMILIES:
+        info = stvit.FAMILIES[family]
+        assert info.paper and info.verified_against, family
+        assert issubclass(info.model_class, ModelBase), family
+        tiny_of(family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_features_and_head(family):
+    model = build(family).eval()
+    cfg = model.pretrained_cfg
+    assert cfg["architecture"] == tiny_of(family) and cfg["family"] == family
+    assert {"input_size", "crop_pct", "interpolation", "mean", "std", "classifier", "num_classes"} <= set(cfg)
+    for h, w in sizes(model):
+        x = torch.randn(2, model.in_chans, h, w)
+        with torch.no_grad():
+            logits = model(x)
+            assert logits.shape == (2, model.num_classes) and torch.isfinite(logits).all()
+            pre = model.forward_head(model.forward_features(x), pre_logits=True)
+            assert pre.shape == (2, model.num_features)
+            torch.testing.assert_close(model.forward_head(model.forward_features(x)), logits)
+    assert model.get_classifier() is model.get_submodule(
+        cfg["classifier"] if isinstance(cfg["classifier"], str) else cfg["classifier"][0])
+    model.reset_classifier(7)
+    with torch.no_grad():
+        assert model(torch.randn(1, model.in_chans, *sizes(model)[0])).shape == (1, 7)
+    assert model.num_classes == 7
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_features_only_maps_match_feature_info(family):
+    backbone = build(family, features_only=True).eval()
+    info = backbone.feature_info
+    modules = dict(backbone.named_modules())
+    assert info and all(f["module"] in modules for f in info)
+    for h, w in sizes(backbone):
+        with torch.no_grad():
+            maps = backbone(torch.randn(2, backbone.in_chans, h, w))
+        assert len(maps) == len(info)
+        for m, f in zip(maps, info):
+            assert m.shape == (2, f["num_chs"], math.ceil(h / f["reduction"]), math.ceil(w / f["reduction"])), (
+                family, f)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_round_trip_and_optimize(family, tmp_path):
+    model = build(family).eval()
+    path = tmp_path / "weights.pt"
+    stvit.save_state_dict(model.state_dict(), path)
+    torch.manual_seed(1)
+    other = stvit.create_model(tiny_of(family)).eval()
+    stvit.load_checkpoint(other, path)
+    x = torch.randn(2, model.in_chans, *sizes(model)[0])
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(other(x), expected, rtol=0, atol=0)
+        fast = stvit.optimize(model, compile=False)
+        torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_weight_decay_names_exist_and_checkpointing_keeps_gradients(family):
+    model = build(family).train()
+    names = dict(model.named_parameters())
+    assert set(model.no_weight_decay()) <= set(names)
+    assert model.repeated_blocks() and all(isinstance(b, torch.nn.Module) for b in model.repeated_blocks())
+    block_ids = {id(b) for b in model.repeated_blocks()}
+    assert len(block_ids) == len(model.repeated_blocks())  # each block once
+    x = torch.randn(2, model.in_chans, *sizes(model)[0])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = []
+    for enable in (False, True):
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        model.set_grad_checkpointing(enable)
+        torch.manual_seed(3)
+        out = model(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.square().mean().backward()
+        grads.append({k: p.grad.clone() for k, p in names.items() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError) as e:
+        stvit.create_model("huge_transformer")
+    for family in FAMILIES:  # the message lists every family with its models
+        assert family in str(e.value) and tiny_of(family) in str(e.value)
+    model = build("stvit")
+    with pytest.raises(ValueError, match="4-D"):
+        model(torch.randn(3, 32, 32))
+    # A checkpoint of another family names the model that fits it.
+    other = build("sgformer").state_dict()
+    with pytest.raises(stvit.CheckpointError) as e:
+        stvit.load_checkpoint(model, other)
+    assert "sgformer_tiny" in str(e.value) and e.value.matching_model == "sgformer_tiny"
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "stvit"])
+def test_fixed_size_families_name_the_size_they_take(family):
+    model = build(family).eval()
+    if not model.pretrained_cfg.get("fixed_input_size"):
+        pytest.skip(f"{family} takes any input size")
+    h, w = sizes(model)[0]
+    with pytest.raises(ValueError, match=str(h)):
+        model(torch.randn(1, model.in_chans, 2 * h + 5, w))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return ensure_demo_dataset(tmp_path_factory.mktemp("data") / "shapes", num_classes=3, train_per_class=4,
+                               val_per_class=2, image_size=64)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_training_step_through_the_real_loop(family, data, tmp_path):
+    out = tmp_path / "run"
+    code = train_main(["--model", tiny_of(family), "--data-path", str(data), "--preset", "demo",
+                       "--batch-size", "4", "--epochs", "1", "--num-workers", "0", "--max-steps", "2",
+                       "--log-every", "1000", "--output-dir", str(out)])
+    assert code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == tiny_of(family)
+    demo_size = stvit.model_entry(tiny_of(family)).demo.get("input_size")
+    if demo_size:
+        assert config["input_size"] == demo_size
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records and math.isfinite(records[-1]["train_loss"])
+    model = stvit.create_model(tiny_of(family), num_classes=3)
+    stvit.load_checkpoint(model, out / "model_final.pt")
+
+
+FSDP_WORKER = r"""
+import sys, torch
+import stvit
+from torch.distributed.fsdp import FSDPModule
+from train.distributed import init_distributed, prepare_model, shutdown
+
+env = init_distributed()
+for name in sys.argv[1:]:
+    torch.manual_seed(0)
+    reference = stvit.create_model(name, num_classes=5)
+    torch.manual_seed(0)
+    model = prepare_model(stvit.create_model(name, num_classes=5), env)
+    blocks = model.repeated_blocks()
+    assert isinstance(model, FSDPModule) and blocks and all(isinstance(b, FSDPModule) for b in blocks), name
+    for (k, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):  # sharded, same weights
+        assert torch.equal(p.full_tensor(), q.detach()), (name, k)
+    size = model.pretrained_cfg["input_size"][1:]
+    torch.manual_seed(env.rank)
+    x = torch.randn(2, 3, *size)
+    soft = torch.softmax(torch.randn(2, 5), -1)
+    model.train()
+    loss = model.training_loss(x, soft, __import__("random").Random(env.rank))
+    loss.backward()
+    assert torch.isfinite(loss), name
+    assert all(p.grad is not None and torch.isfinite(p.grad.full_tensor()).all() for p in model.parameters()), name
+    print(f"rank {env.rank} {name} ok", flush=True)
+shutdown()
+"""
+
+
+def test_fsdp2_wraps_every_family_on_two_processes(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(FSDP_WORKER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    names = [tiny_of(f) for f in FAMILIES]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), *names], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        for name in names:
+            assert f"rank {rank} {name} ok" in result.stdout
