@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stvit.models.stvit import DropPath  # the same stochastic depth as timm's, which their file imports
+from stvit.contract import DropPath  # the same stochastic depth as timm's, which their file imports
 
 # Per-block constant kernels of their unfold/fold convolutions: present in their state dict only.
 _CONSTANT_KERNELS = ("attn.unfold.weights", "attn.fold.weights")

@@ -203,3 +203,48 @@ def test_undecodable_image_is_an_error_not_a_traceback(tmp_path, capsys):
     code = vis.main([str(tmp_path / "img.jpg"), "--model", "tiny", "--out", str(tmp_path), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: cannot decode") and "img.jpg" in err
+
+
+def test_captions_wrap_to_a_narrow_picture(model):
+    """A portrait photo resized to 224 on its short side (as sklearn's 427×640 china.jpg is): every
+    caption line fits the picture's width instead of running off its right edge."""
+    img = scene(224, 336)
+    for name, picture in vis.visualize(model, img, stages=(1,), notes=[vis.RANDOM_WEIGHTS_NOTE]).items():
+        assert picture.width == 224, name
+        caption = np.asarray(picture.convert("L"))[336:]
+        assert (caption > 128).any(axis=1).sum() > 3 * 8  # several wrapped lines of text
+        assert (caption[:, -2:] <= 40).all()  # nothing drawn at the right edge: the text wrapped before it
+
+
+def test_wrap_text_keeps_every_word_and_fits():
+    words = "stage 1, block 0: colour = the super token each pixel is most associated with".split()
+    lines = vis.wrap_text(" ".join(words), 60, lambda t: 6 * len(t))
+    assert " ".join(lines).split() == words and all(6 * len(line) <= 60 for line in lines)
+    assert vis.wrap_text("x" * 25, 60, lambda t: 6 * len(t)) == ["x" * 10, "x" * 10, "x" * 5]
+
+
+def test_maps_come_from_the_modules_own_association_in_float64(model, monkeypatch):
+    """visualize runs the block's SuperTokenAttention.association (no copy of it), in float64."""
+    seen = []
+    original = stvit.SuperTokenAttention.association
+
+    def spy(self, tokens):
+        seen.append(tokens.tokens.dtype)
+        return original(self, tokens)
+
+    monkeypatch.setattr(stvit.SuperTokenAttention, "association", spy)
+    x = normalised(scene(40, 32))
+    (maps,) = vis.analyse(model, x, stages=(1,))
+    # The model's own forward (float32) while the input is captured, then visualize's float64 call.
+    assert seen == [torch.float32, torch.float64] and maps.association.dtype == torch.float64
+
+
+def test_non_stvit_models_are_refused_clearly(tmp_path, capsys):
+    scene(48, 40).save(tmp_path / "img.png")
+    with pytest.raises(SystemExit) as e:
+        vis.main([str(tmp_path / "img.png"), "--model", "sovit_tiny", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "only STViT models" in err and "stvit_small" in err
+    with pytest.raises(ValueError, match="only STViT models"):
+        vis.check_stages(stvit.create_model("sovit_tiny"), (1,), 0)

@@ -135,6 +135,31 @@ def stage_sizes(height: int, width: int, num_stages: int) -> list[tuple[int, int
 
 # ---- attention ----------------------------------------------------------------------------------
 
+def gather_slots(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, 9, h, w): the 3×3 neighbourhood (padding 1, stride 2) of each cell,
+    slot kk = 3·ki + kj row-major, zeros outside the image (``F.unfold(x, 3, padding=1, stride=2)``).
+
+    Nine strided views of the zero-padded map: cell (a, b)'s slot (ki, kj) is pixel
+    (2a − 1 + ki, 2b − 1 + kj), i.e. padded pixel (2a + ki, 2b + kj)."""
+    H, W = x.shape[-2:]
+    xp = F.pad(x, (1, 2 * w - W, 1, 2 * h - H))                              # (B, C, 2h + 1, 2w + 1)
+    return torch.stack([xp[:, :, ki:ki + 2 * h:2, kj:kj + 2 * w:2]
+                        for ki in range(CSA_KERNEL) for kj in range(CSA_KERNEL)], dim=2)
+
+
+def scatter_slots(slots: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The adjoint of :func:`gather_slots` (``F.fold(..., (H, W), 3, padding=1, stride=2)``):
+    (B, C, 9, h, w) -> (B, C, H, W), summing overlapping slots without normalising and dropping
+    those outside the image. (Written as nine shifted adds: inductor miscompiles ``F.fold`` of a
+    permuted input on CPU, and unfold's backward is a fold.)"""
+    B, C, _, h, w = slots.shape
+    out = slots.new_zeros(B, C, 2 * h + 1, 2 * w + 1)
+    for ki in range(CSA_KERNEL):
+        for kj in range(CSA_KERNEL):
+            out[:, :, ki:ki + 2 * h:2, kj:kj + 2 * w:2] += slots[:, :, CSA_KERNEL * ki + kj]
+    return out[:, :, 1:H + 1, 1:W + 1]
+
+
 class CSA(nn.Module):
     """Convolutional Self-Attention (paper Sec. 3.1, official ``CSA``), on a (B, H, W, C) map.
 
@@ -178,16 +203,16 @@ class CSA(nn.Module):
         attn = self.attn_drop(attn.softmax(dim=-1))
 
         # Values: the 3×3 neighbours (zeros outside the image), each through its slot's matrix.
-        patches = F.unfold(x_nchw, CSA_KERNEL, padding=1, stride=CSA_STRIDE)   # (B, C·9, L), c·9 + kk
-        patches = patches.view(B, C, k2, L)
+        h, w = pooled.shape[-2:]
+        patches = gather_slots(x_nchw, h, w)                                    # (B, C, 9, h, w)
         slot_weight = self.weight.weight.view(k2, C, C)                         # (slot, C_out, C_in)
-        v = torch.einsum("bckl,koc->blko", patches, slot_weight)               # (B, L, 9, C)
+        v = torch.einsum("bckl,koc->blko", patches.flatten(3), slot_weight)    # (B, L, 9, C)
         v = v.reshape(B, L, k2, heads, C // heads).permute(0, 3, 1, 2, 4)      # (B, heads, L, 9, d)
 
-        # Each cell writes 9 slots; fold sums the overlaps onto the (H, W) map, dropping outside slots.
+        # Each cell writes 9 slots; they are summed onto the (H, W) map (outside slots dropped).
         out = attn @ v                                                          # (B, heads, L, 9 i, d)
-        out = out.permute(0, 1, 4, 3, 2).reshape(B, C * k2, L)                  # channel (head·d + j)·9 + i
-        out = F.fold(out, (H, W), CSA_KERNEL, padding=1, stride=CSA_STRIDE)     # (B, C, H, W)
+        out = out.permute(0, 1, 4, 3, 2).reshape(B, C, k2, h, w)                # channel head·d + j
+        out = scatter_slots(out, H, W)                                          # (B, C, H, W)
         return self.proj_drop(self.proj(out.permute(0, 2, 3, 1)))
 
 
