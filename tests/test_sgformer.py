@@ -340,11 +340,12 @@ def test_any_in_chans():
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(num_heads=[1, 2, 4, 8], depths=[3, 4, 6, 3]), "even|hybrid"),  # the authors' constructor defaults
+    (dict(num_heads=[2, 4, 4, 6], depths=[3, 4, 6, 3]), "block1.2 would reach block2.0"),  # the authors' constructor defaults
     (dict(num_heads=[2, 1, 4, 6]), "even"),
     (dict(sr_ratios=[3, 2, 1, 1]), "sr_ratio 2, 4 or 8"),
     (dict(depths=[2, 1, 2, 1], sr_ratios=[4, 2, 2, 1]), "hybrid"),
-    (dict(depths=[2, 1, 2, 2], sr_ratios=[4, 2, 1, 2]), "last-stage|depths"),
+    (dict(depths=[2, 1, 2, 2], sr_ratios=[4, 2, 1, 2]), "block4.0"),
+    (dict(depths=[2, 1, 0, 1], sr_ratios=[4, 2, 1, 2]), "block2.0 would reach block4.0"),  # across an empty stage
     (dict(img_size=(56, 56)), "img_size"),
     (dict(embed_dims=[32, 64, 128]), "4 stages"),
 ])
