@@ -111,9 +111,9 @@ def test_bad_options_are_config_errors(argv, message):
 
 def test_default_output_dir_never_reuses_a_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert parse_config([]).output_dir == "runs/demo-tiny"
-    (tmp_path / "runs" / "demo-tiny").mkdir(parents=True)
-    assert parse_config([]).output_dir == "runs/demo-tiny-2"
+    assert parse_config([]).output_dir == "runs/demo-stvit_tiny"
+    (tmp_path / "runs" / "demo-stvit_tiny").mkdir(parents=True)
+    assert parse_config([]).output_dir == "runs/demo-stvit_tiny-2"
     assert parse_config(["--resume", "some/run"]).output_dir == "some/run"
 
 
@@ -129,3 +129,19 @@ def test_resume_takes_the_saved_options_unless_given(tmp_path):
     assert resumed.drop_path == 0.4 and resumed.output_dir == str(run) and resumed.resume == str(run)
     longer = parse_config(["--resume", str(run), "--epochs", "120"], world_size=8)
     assert longer.epochs == 120 and longer.base_lr == 2e-3
+
+
+@pytest.mark.parametrize("name", stvit.list_models())
+def test_every_registered_recipe_reaches_the_config(name):
+    """A family's registered recipe is the paper preset for its models, its demo settings the demo
+    preset; a flag on the command line still wins."""
+    entry = stvit.model_entry(name)
+    cfg = parse_config(["--model", name, "--data-path", "/x"])
+    for key, value in entry.recipe.items():
+        got = cfg.base_lr if key == "lr" else getattr(cfg, key)
+        assert got == (tuple(value) if isinstance(value, list) else value), (name, key)
+    demo = parse_config(["--model", name])
+    assert demo.preset == "demo"
+    for key, value in entry.demo.items():
+        assert (demo.base_lr if key == "lr" else getattr(demo, key)) == value, (name, key)
+    assert parse_config(["--model", name, "--data-path", "/x", "--lr", "3e-4"]).base_lr == 3e-4
