@@ -219,3 +219,24 @@ def test_allocator_tuning_is_reported():
                          cwd=Path(__file__).resolve().parents[1])
     # On glibc (Linux) the tuning applies and is reported; elsewhere it is reported as not applied.
     assert out.stdout.split()[-3:] == ["default", str(glibc), str(glibc)], out.stderr
+
+
+def test_emulated_bf16_is_measured_against_the_fp32_peak(tmp_path, monkeypatch):
+    """Without native bf16 a bf16 matmul 'peak' is an emulation artefact: bf16 rows use the fp32 peak
+    (MFU stays meaningful, below 1) and the run says so; no 0 GFLOP/s peak is printed."""
+    from stvit import precision
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    out = tmp_path / "tp.json"
+    with pytest.warns(precision.EmulatedBF16Warning):
+        cli.main(["throughput", "--default-allocator", "--device", "cpu", "--models", "tiny", "--size", "32",
+                  "--batch-sizes", "2", "--modes", "eager", "eager-amp", "--runs", "1", "--warmup", "1",
+                  "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["matmul_peak_gflops"]) == {"fp32"} and result["matmul_peak_gflops"]["fp32"] > 1
+    eager, amp = result["rows"]
+    assert amp["dtype"] == "bf16" and 0 < amp["mfu"] < 1
+    assert amp["mfu"] == pytest.approx(amp["achieved_gflops"] / result["matmul_peak_gflops"]["fp32"])
+    from bench.throughput import default_modes
+    assert "compiled-bf16" not in default_modes(torch.device("cpu"), authors=False)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert "compiled-bf16" in default_modes(torch.device("cpu"), authors=False)

@@ -7,6 +7,8 @@ mantissa); BatchNorm folding in float64 to 1e-10.
 
 import copy
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -191,3 +193,20 @@ def test_optimized_model_records_what_the_family_folded():
     assert sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) == 4  # only the stem's are left
     unfolded = optimize(model, compile=False, fold=False)
     assert unfolded.folded == [] and sum(isinstance(m, nn.BatchNorm2d) for m in unfolded.modules()) == 12
+
+
+def test_one_precision_notion_and_the_emulated_bf16_warning(monkeypatch):
+    from stvit import precision
+
+    cpu = torch.device("cpu")
+    assert precision.resolve("auto", cpu) == torch.float32 and precision.resolve("fp32", cpu) == torch.float32
+    with pytest.raises(ValueError, match="auto, fp32, bf16"):
+        precision.resolve("fp16", cpu)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    with pytest.warns(precision.EmulatedBF16Warning, match="emulated"):
+        fast = optimize(micro_model(), "bf16", compile=False)
+    assert fast.dtype == torch.bfloat16
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", precision.EmulatedBF16Warning)
+        assert optimize(micro_model(), torch.bfloat16, compile=False).dtype == torch.bfloat16
