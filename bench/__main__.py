@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from . import flops, profile, scaling, throughput
+from . import data, flops, profile, scaling, throughput
 from .authors import AuthorsCodeError
 from .common import BenchError, tune_cpu_allocator
 
@@ -16,6 +16,7 @@ COMMANDS = {
     "throughput": (throughput, "img/s, peak memory and FLOP utilisation per model, batch size and mode"),
     "scaling": (scaling, "super token attention vs global self-attention as the token grid grows (+ PNG plot)"),
     "profile": (profile, "torch.profiler traces (TensorBoard + Chrome) and the time per op category"),
+    "data": (data, "input pipeline img/s per CPU core and with N DataLoader workers (paper, demo, eval; --baseline)"),
 }
 
 

@@ -425,6 +425,21 @@ class RandomErasing:
         # NumPy, not torch: per-image torch ops pay for the intra-op thread pool (a 600 kB
         # clone takes milliseconds on a busy machine); this runs in data-loading code on CPU.
         out = tensor.detach().cpu().numpy().copy()
+        self.erase_boxes_(out, boxes, rng)
+        return torch.from_numpy(out).to(tensor.device)
+
+    def erase_(self, array: np.ndarray, rng: random.Random) -> np.ndarray:
+        """Erase in place in a (C, H, W) float32 array the pipeline owns: the same draws and the
+        same values as ``__call__``, without copying the image first."""
+        self.erase_boxes_(array, self.sample_boxes(rng, *array.shape[1:]), rng)
+        return array
+
+    def erase_boxes_(self, array: np.ndarray, boxes, rng: random.Random) -> None:
+        """Fill ``boxes`` (from :meth:`sample_boxes`) of ``array`` in place; draws the noise seed
+        from ``rng`` only when there is a box."""
+        if not boxes:
+            return
+        channels = array.shape[0]
         noise = np.random.default_rng(rng.getrandbits(63))  # deterministic, fast in bulk
         for top, left, h, w in boxes:
             if self.mode == "pixel":
@@ -433,8 +448,7 @@ class RandomErasing:
                 value = noise.standard_normal((channels, 1, 1), dtype=np.float32)
             else:
                 value = 0.0
-            out[:, top:top + h, left:left + w] = value
-        return torch.from_numpy(out).to(tensor.device)
+            array[:, top:top + h, left:left + w] = value
 
     def __repr__(self) -> str:
         return (f"RandomErasing(prob={self.prob}, mode={self.mode!r}, area={self.area}, "

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from train.transforms import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
+from train.transforms import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TrainPipeline,
                               build_eval_transform, build_train_transform)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -87,29 +87,52 @@ class ImageFolder(Dataset):
     def load_rgb(self, index: int) -> Image.Image | None:
         """Decode sample ``index`` as RGB (grayscale, RGBA, palette, CMYK... converted); None if
         the file is unreadable."""
+        return self._decode(index, _to_rgb)
+
+    def _decode(self, index: int, decode: Callable[[Image.Image], object]):
+        """``decode(opened image)`` for sample ``index``; None (one warning per file) if
+        Pillow cannot read it."""
         path = self.samples[index][0]
         try:
             with Image.open(path) as img:
-                return img.convert("RGB")  # convert() decodes the whole file
+                return decode(img)
         except _UNREADABLE as err:
             if path not in self._warned:
                 self._warned.add(path)
                 warnings.warn(f"skipping unreadable image {path}: {err}", CorruptImageWarning,
-                              stacklevel=2)
+                              stacklevel=3)
             return None
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, (tuple, list)) else (item, item)
-        img = self.load_rgb(index)
+        transform, rng = self.transform, random.Random(seed)
+        if isinstance(transform, TrainPipeline):
+            # Two phases: the pipeline sees the header before decoding (JPEG draft decoding);
+            # only decoding errors count as an unreadable file.
+            decoded = self._decode(index, lambda img: transform.load(img, rng))
+            if decoded is None:
+                return None
+            return transform.apply(decoded, rng), self.samples[index][1]
+        reference = getattr(transform, "fast", True) is False  # today's decode, for benchmarks
+        img = self._decode(index, _to_rgb_copy if reference else _to_rgb)
         if img is None:
             return None
-        if self.transform is not None:
-            img = self.transform(img, random.Random(seed))
+        if transform is not None:
+            img = transform(img, rng)
         return img, self.samples[index][1]
 
     def __repr__(self) -> str:
         return (f"ImageFolder(root={str(self.root)!r}, classes={len(self.classes)}, "
                 f"images={len(self.samples)}, transform={self.transform!r})")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    img.load()  # decodes the whole file, still inside the caller's error handling
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _to_rgb_copy(img: Image.Image) -> Image.Image:
+    return img.convert("RGB")  # the reference decode: convert() decodes and copies
 
 
 def collate_skip_corrupt(batch) -> tuple[torch.Tensor, torch.Tensor, int]:

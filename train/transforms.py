@@ -7,6 +7,15 @@ deterministic transforms ignore ``rng``. The pipelines follow DeiT/timm:
   -> Random Erasing;
 * eval: resize (keeping the aspect ratio) to cover ``input_size / crop_pct`` -> center crop ->
   tensor + normalize: the geometry of ``stvit.images.EvalTransform``, whose helpers do the work.
+
+The train pipeline runs fused (:class:`TrainPipeline`): it draws every random parameter exactly
+as the step-by-step ``Compose`` of the same transforms does (same ``rng`` calls in the same order,
+so the same crop boxes, flips, RandAugment ops and magnitudes, erasing boxes and noise for a
+seed), but decides the crop from the JPEG header first and decodes at a reduced DCT scale when
+the crop still covers the output size (``draft``), crops and resizes in one call (torch's uint8
+antialiased kernel for bilinear/bicubic), flips the small image, and normalises and erases in
+one NumPy buffer. ``build_train_transform(..., fast=False)`` is the step-by-step reference (today's
+implementation, kept for ``python -m bench data --baseline`` and the tests).
 """
 
 from __future__ import annotations
@@ -14,14 +23,18 @@ from __future__ import annotations
 import math
 import numbers
 import random
+import warnings
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from stvit.images import center_crop, check_mean_std, eval_resize_size, resize_to_cover, to_tensor
-from stvit.models.stvit import IMAGENET_MEAN as IMAGENET_DEFAULT_MEAN
-from stvit.models.stvit import IMAGENET_STD as IMAGENET_DEFAULT_STD
+from stvit.images import (center_crop, check_mean_std, eval_resize_size, resize_to_cover, to_rgb,
+                          to_tensor)
+from stvit.contract import IMAGENET_MEAN as IMAGENET_DEFAULT_MEAN
+from stvit.contract import IMAGENET_STD as IMAGENET_DEFAULT_STD
 from train.augment import RandAugment, RandomErasing, pil_interpolation
 
 Transform = Callable[[object, random.Random], object]
@@ -47,10 +60,14 @@ def _resample(interpolation: str, rng: random.Random) -> Image.Resampling:
 
 
 class Compose:
-    """Chain transforms, passing the same ``rng`` to each (so draws happen in a fixed order)."""
+    """Chain transforms, passing the same ``rng`` to each (so draws happen in a fixed order).
 
-    def __init__(self, transforms: Sequence[Transform]):
+    ``fast=False`` marks today's step-by-step reference pipeline (``ImageFolder`` then decodes the
+    way it always did, with a copy in ``convert("RGB")``), kept to be measured against."""
+
+    def __init__(self, transforms: Sequence[Transform], fast: bool = True):
         self.transforms = list(transforms)
+        self.fast = fast
 
     def __call__(self, img, rng: random.Random):
         for transform in self.transforms:
@@ -156,15 +173,33 @@ class CenterCrop:
 
 
 class ToNormalizedTensor:
-    """PIL image -> float32 (3, H, W) tensor, scaled to [0, 1] then ``(x - mean) / std``."""
+    """PIL image -> float32 (3, H, W) tensor, scaled to [0, 1] then ``(x - mean) / std``.
+
+    The same float32 operations as ``stvit.images.to_tensor`` (``x * (1 / (255 std)) - mean /
+    std``), so bit-identical output, but on a planar uint8 copy: the multiply-add then runs over
+    long contiguous rows instead of broadcasting a 3-vector over the innermost axis (6-10x
+    faster). ``fast=False`` calls ``stvit.images.to_tensor`` itself (the reference)."""
 
     def __init__(self, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-                 std: Sequence[float] = IMAGENET_DEFAULT_STD):
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD, fast: bool = True):
         check_mean_std(mean, std)  # at construction, not first at the first image
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std, self.fast = tuple(mean), tuple(std), fast
+        std32 = np.asarray(std, dtype=np.float32)
+        # Exactly stvit.images.to_tensor's constants.
+        self._scale = (1.0 / (255.0 * std32)).astype(np.float32).reshape(3, 1, 1)
+        self._offset = (-np.asarray(mean, dtype=np.float32) / std32).reshape(3, 1, 1)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> new (3, H, W) float32 array, normalised."""
+        planar = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        out = np.multiply(planar, self._scale, dtype=np.float32)
+        out += self._offset
+        return out
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
-        return to_tensor(img, self.mean, self.std)
+        if not self.fast:
+            return to_tensor(img, self.mean, self.std)
+        return torch.from_numpy(self.normalize(np.asarray(to_rgb(img))))
 
     def __repr__(self) -> str:
         return f"ToNormalizedTensor(mean={self.mean}, std={self.std})"
@@ -180,9 +215,11 @@ def build_train_transform(input_size, aa: str | None = "rand-m9-mstd0.5-inc1",
                           mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                           std: Sequence[float] = IMAGENET_DEFAULT_STD, hflip: float = 0.5,
                           scale: tuple[float, float] = (0.08, 1.0),
-                          remode: str = "pixel", recount: int = 1) -> Compose:
+                          remode: str = "pixel", recount: int = 1, fast: bool = True) -> Compose:
     """DeiT's training pipeline. ``aa=None`` or ``"none"`` disables RandAugment; ``reprob=0``
-    disables Random Erasing; ``hflip=0`` disables flipping."""
+    disables Random Erasing; ``hflip=0`` disables flipping. ``fast=False``: the step-by-step
+    reference (:class:`Compose`) instead of the fused :class:`TrainPipeline`; both draw the same
+    random parameters for a seed."""
     transforms: list[Transform] = [
         RandomResizedCrop(input_size, scale=scale, interpolation=interpolation)
     ]
@@ -190,22 +227,165 @@ def build_train_transform(input_size, aa: str | None = "rand-m9-mstd0.5-inc1",
         transforms.append(RandomHorizontalFlip(hflip))
     if aa is not None and str(aa).strip().lower() not in ("", "none"):
         transforms.append(RandAugment(aa, fill=mean_fill_color(mean), interpolation=interpolation))
-    transforms.append(ToNormalizedTensor(mean, std))
+    transforms.append(ToNormalizedTensor(mean, std, fast=fast))
     if reprob > 0:
         transforms.append(RandomErasing(reprob, mode=remode, count=recount))
-    return Compose(transforms)
+    return TrainPipeline(transforms) if fast else Compose(transforms, fast=False)
 
 
 def build_eval_transform(input_size, crop_pct: float = 0.875, interpolation: str = "bicubic",
                          mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-                         std: Sequence[float] = IMAGENET_DEFAULT_STD) -> Compose:
+                         std: Sequence[float] = IMAGENET_DEFAULT_STD, fast: bool = True) -> Compose:
     """Resize to cover ``input_size / crop_pct`` (for a square size: the shorter side becomes
-    ``int(size / crop_pct)``), center crop ``input_size``, normalize."""
+    ``int(size / crop_pct)``), center crop ``input_size``, normalize. The output is the same
+    with ``fast`` on or off (``fast=False`` is the reference: today's tensor conversion)."""
     height, width = _size_hw(input_size)
     if interpolation == "random":  # evaluation is deterministic
         interpolation = "bicubic"
     return Compose([
         ResizeToCover(eval_resize_size((height, width), crop_pct), interpolation),
         CenterCrop((height, width)),
-        ToNormalizedTensor(mean, std),
-    ])
+        ToNormalizedTensor(mean, std, fast=fast),
+    ], fast=fast)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused train pipeline
+# ---------------------------------------------------------------------------------------------
+
+_TORCH_RESIZE = ("bilinear", "bicubic")  # torch's uint8 antialiased kernels (Pillow's filters)
+# Below this output size Pillow's resize is as fast as torch's call overhead: keep Pillow's
+# (the reference's) exact result there, e.g. for the 32² demo.
+_TORCH_MIN_PIXELS = 96 * 96
+_DRAFT_SCALES = (8, 4, 2)  # the DCT scalings Pillow's JPEG decoder offers (1/8, 1/4, 1/2)
+
+
+def draft_scale(crop_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+    """The largest JPEG DCT downscale ``k`` (8, 4, 2 or 1) at which a crop of ``crop_hw``
+    original pixels still has at least ``out_hw`` pixels, so the resize still only shrinks."""
+    for k in _DRAFT_SCALES:
+        if crop_hw[0] >= k * out_hw[0] and crop_hw[1] >= k * out_hw[1]:
+            return k
+    return 1
+
+
+class DecodedCrop:
+    """What :meth:`TrainPipeline.load` hands to :meth:`TrainPipeline.apply`: the decoded RGB
+    image (possibly at 1/``scale`` of the file's size) and the crop box in its pixels."""
+
+    __slots__ = ("image", "box", "scale", "resample")
+
+    def __init__(self, image: Image.Image, box: tuple[float, float, float, float], scale: int,
+                 resample: str):
+        self.image, self.box, self.scale, self.resample = image, box, scale, resample
+
+
+class TrainPipeline(Compose):
+    """The train :class:`Compose` (RandomResizedCrop [-> flip] [-> RandAugment] -> tensor
+    [-> Random Erasing]) run fused, drawing the same random parameters in the same order.
+
+    Two phases, so a dataset can hand over a JPEG that is opened but not decoded yet:
+    :meth:`load` draws the crop box from the image size (the header's, for a file), decodes at
+    the smallest DCT scale whose crop still covers the output (``img.draft``) and maps the box
+    into it; :meth:`apply` does the rest. ``pipeline(img, rng)`` does both. Pixel differences
+    to the reference (``build_train_transform(..., fast=False)``) come only from the crop +
+    resize step: a drafted decode is an 8x8-DCT-domain downscale instead of a bicubic of the full
+    image, and torch's antialiased uint8 resize (the same filter as Pillow's) does not read
+    pixels beyond the crop box at the border; see ``tests/test_data_pipeline.py`` and
+    ``bench/RESULTS.md`` for the measured differences. Everything after the resize is the same
+    code as the reference.
+    """
+
+    def __init__(self, transforms: Sequence[Transform], draft: bool = True):
+        super().__init__(transforms, fast=True)
+        self.draft = draft
+        kinds = (RandomResizedCrop, RandomHorizontalFlip, RandAugment, ToNormalizedTensor,
+                 RandomErasing)
+        names = [type(t).__name__ for t in self.transforms]
+        order = [kinds.index(type(t)) if type(t) in kinds else -1 for t in self.transforms]
+        if (-1 in order or order != sorted(order) or len(set(order)) != len(order)
+                or order[0] != 0 or 3 not in order):
+            raise ValueError(f"TrainPipeline fuses RandomResizedCrop [-> RandomHorizontalFlip] "
+                             f"[-> RandAugment] -> ToNormalizedTensor [-> RandomErasing]; got {names}")
+        by_kind = {type(t): t for t in self.transforms}
+        self.crop: RandomResizedCrop = by_kind[RandomResizedCrop]
+        self.flip: RandomHorizontalFlip | None = by_kind.get(RandomHorizontalFlip)
+        self.randaug: RandAugment | None = by_kind.get(RandAugment)
+        self.to_tensor: ToNormalizedTensor = by_kind[ToNormalizedTensor]
+        self.erasing: RandomErasing | None = by_kind.get(RandomErasing)
+
+    # -- phase 1: crop box, then decode ---------------------------------------------------------
+    def load(self, img: Image.Image, rng: random.Random) -> DecodedCrop:
+        """Draw the crop from ``img.size`` (a lazily opened file: its header), decode (drafted
+        when the crop allows it) and convert to RGB. Pillow's decoding errors propagate."""
+        width, height = img.size
+        top, left, h, w = self.crop.get_params(rng, width, height)
+        interpolation = self.crop.interpolation
+        if interpolation == "random":
+            interpolation = rng.choice(("bilinear", "bicubic"))  # as _resample draws it
+        scale = draft_scale((h, w), self.crop.size) if self.draft else 1
+        if scale > 1 and getattr(img, "format", None) == "JPEG" and img.tile:
+            # Asking for (W // k, H // k) makes Pillow pick exactly k; the image becomes
+            # (ceil(W / k), ceil(H / k)), drafted pixel i covering original pixels [k i, k i + k).
+            img.draft(None, (width // scale, height // scale))
+            scale = next((k for k in _DRAFT_SCALES
+                          if img.size == (-(-width // k), -(-height // k))), 1)
+        else:
+            scale = 1
+        img.load()
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        box = (left, top, left + w, top + h)
+        if scale > 1:
+            box = (left / scale, top / scale, min((left + w) / scale, img.width),
+                   min((top + h) / scale, img.height))
+        return DecodedCrop(img, box, scale, interpolation)
+
+    # -- phase 2: the rest ------------------------------------------------------------------------
+    def apply(self, decoded: DecodedCrop, rng: random.Random) -> torch.Tensor:
+        height, width = self.crop.size
+        pixels = self._crop_resize(decoded, (height, width))  # (H, W, 3) uint8
+        flip = self.flip is not None and rng.random() < self.flip.prob  # drawn as the flip does
+        plan = self.randaug.sample_plan(rng) if self.randaug is not None else None
+        if plan:  # RandAugment's Pillow ops, exactly as in the reference, on the output size
+            img = Image.fromarray(pixels, "RGB")
+            if flip:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            pixels = np.asarray(self.randaug.apply_plan(img, plan))
+        elif flip:
+            pixels = pixels[:, ::-1]  # a view; normalize() makes the planar copy anyway
+        out = self.to_tensor.normalize(pixels)
+        if self.erasing is not None:
+            self.erasing.erase_(out, rng)
+        return torch.from_numpy(out)
+
+    @staticmethod
+    def _crop_resize(decoded: DecodedCrop, size_hw: tuple[int, int]) -> np.ndarray:
+        img, box = decoded.image, decoded.box
+        height, width = size_hw
+        if (decoded.scale == 1 and decoded.resample in _TORCH_RESIZE
+                and height * width >= _TORCH_MIN_PIXELS):
+            left, top, right, bottom = (int(v) for v in box)
+            crop = np.asarray(img.crop((left, top, right, bottom)))  # only the box is copied
+            if crop.shape[:2] == (height, width):
+                return crop
+            # A channels-last view of the (h, w, 3) pixels: torch's vectorised uint8 path, and
+            # the result is channels-last too, i.e. an (H, W, 3) array Pillow takes as it is.
+            with warnings.catch_warnings():  # read-only (Pillow's bytes); torch only reads it
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                x = torch.from_numpy(crop).unsqueeze(0).permute(0, 3, 1, 2)
+            out = F.interpolate(x, size=(height, width), mode=decoded.resample, antialias=True)
+            return out[0].permute(1, 2, 0).numpy()
+        resized = img.resize((width, height), pil_interpolation(decoded.resample), box=box)
+        return np.asarray(resized)
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        return self.apply(self.load(img, rng), rng)
+
+    def reference(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        """The same transforms run step by step (``Compose``): the reference output (for today's
+        code and timing, ``build_train_transform(..., fast=False)``)."""
+        return Compose.__call__(self, img, rng)
+
+    def __repr__(self) -> str:
+        return "TrainPipeline" + super().__repr__()[len("Compose"):]
