@@ -56,6 +56,11 @@ class ModelEntry:
     demo: dict = field(default_factory=dict)    # differences from train's demo preset
     aliases: tuple[str, ...] = ()
 
+    @property
+    def ours(self) -> bool:
+        """A variant of ours (demos, tests): the paper has no figure for it."""
+        return all(v is None for v in self.paper.values())
+
 
 FAMILIES: dict[str, Family] = {}
 MODELS: dict[str, ModelEntry] = {}

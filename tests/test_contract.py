@@ -32,7 +32,7 @@ FAMILIES = stvit.list_families()
 
 def tiny_of(family: str) -> str:
     """The family's variant of ours for demos and tests: the one registered without paper numbers."""
-    names = [n for n in stvit.list_models(family) if not stvit.model_entry(n).paper]
+    names = [n for n in stvit.list_models(family) if stvit.model_entry(n).ours]
     assert len(names) == 1, f"family {family} must register exactly one variant of ours (no paper numbers)"
     return names[0]
 
@@ -235,3 +235,29 @@ def test_fsdp2_wraps_every_family_on_two_processes(tmp_path):
     for rank in (0, 1):
         for name in names:
             assert f"rank {rank} {name} ok" in result.stdout
+
+
+def test_lvt_trains_with_mixtoken_through_the_real_loop(data, tmp_path, monkeypatch):
+    """The loop draws LVT's MixToken box (the model's training_loss, seeded like the rest of the
+    augmentation) and the model mixes with it: at 128² the 4×4 stage-4 grid takes non-empty boxes."""
+    from stvit.models.lvt import LVT
+
+    boxes = []
+    forward = LVT.forward
+
+    def spy(self, x, mix_box=None):
+        boxes.append(None if mix_box is None else tuple(int(v) for v in mix_box))
+        return forward(self, x, mix_box=mix_box)
+
+    monkeypatch.setattr(LVT, "forward", spy)
+    args = ["--model", "lvt_tiny", "--data-path", str(data), "--preset", "demo", "--input-size", "128",
+            "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "0", "--num-workers", "0", "--max-steps", "3",
+            "--log-every", "1000"]
+    assert train_main(args + ["--output-dir", str(tmp_path / "a")]) == 0
+    train_boxes = [b for b in boxes if b is not None]
+    assert len(train_boxes) == 3  # one per training step; evaluation forwards without a box
+    assert any(b[2] > b[0] and b[3] > b[1] for b in train_boxes)  # some box really mixes tokens
+    first = list(train_boxes)
+    boxes.clear()
+    assert train_main(args + ["--output-dir", str(tmp_path / "b")]) == 0
+    assert [b for b in boxes if b is not None] == first  # seeded: the same boxes again

@@ -398,14 +398,15 @@ def test_classifier_weight_decay_blocks_and_cfg(golden):
     assert len(blocks) == sum(golden["config"]["layers"]) + len(golden["config"]["post_layers"])
     assert sum(isinstance(b, L.ClassBlock) for b in blocks) == 2
     cfg = model.pretrained_cfg
-    assert cfg["crop_pct"] == 0.96 and cfg["classifier"] == "head" and cfg["interpolation"] == "bicubic"
+    assert cfg["crop_pct"] == 0.96 and cfg["classifier"] == ("head", "aux_head") and cfg["interpolation"] == "bicubic"
+    assert cfg["input_size"] == (3, 224, 224) and cfg["num_classes"] == 0  # after reset_classifier(0)
     assert dict(model.named_modules())[cfg["first_conv"]].in_channels == 3
 
 
 def test_grad_checkpointing_gives_the_same_grads():
     torch.manual_seed(0)
     model = L.lvt_tiny(num_classes=4).double().train()
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     grads = []
     for enable in (False, True):
         model.set_grad_checkpointing(enable)
@@ -424,6 +425,8 @@ def test_registry_entries():
     assert cls.recipe["lr"] == 1.6e-3 and cls.recipe["warmup_epochs"] == 20
     assert cls.recipe["mixup"] == 0 and cls.recipe["cutmix"] == 0 and cls.pretrained_cfg["crop_pct"] == 0.96
     assert tiny.demo["input_size"] == 64
+    assert cls.pretrained_cfg["classifier"] == ("head", "aux_head")
+    assert cls.pretrained_cfg["first_conv"] == "backbone.0.0.proj"
     model = tiny.builder(num_classes=10)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
 

@@ -135,6 +135,10 @@ def test_golden_eval(golden):
             # The goldens' smallest sort gap is > 1e-9 while float64 differs by ~1e-15: exact.
             assert torch.equal(got["sort_index_row"], want["sort_index_row"]), f"{at}: row-major sort order differs"
             assert torch.equal(got["sort_index_col"], want["sort_index_col"]), f"{at}: column-major sort order differs"
+            # No ties: both orders list the same positions (column index w·H + h -> row index h·W + w).
+            H, W = got["grid"]
+            col = got["sort_index_col"]
+            assert torch.equal((col % H) * W + col // H, got["sort_index_row"]), at
 
 
 def test_golden_train_logits_and_gradients(golden):
@@ -340,7 +344,7 @@ def test_any_in_chans():
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(num_heads=[2, 4, 4, 6], depths=[3, 4, 6, 3]), "block1.2 would reach block2.0"),  # the authors' constructor defaults
+    (dict(num_heads=[2, 4, 4, 6], depths=[3, 4, 6, 3]), "block1.2 would reach block2.0"),  # their default depths
     (dict(num_heads=[2, 1, 4, 6]), "even"),
     (dict(sr_ratios=[3, 2, 1, 1]), "sr_ratio 2, 4 or 8"),
     (dict(depths=[2, 1, 2, 1], sr_ratios=[4, 2, 2, 1]), "hybrid"),
@@ -446,12 +450,28 @@ def test_tiny_learns_on_cpu():
     assert losses[-1] < losses[0] * 0.7, losses
 
 
-def test_compile_matches_eager():
-    # float32; tolerance 1e-4 (fusion reorders float32 sums). Weights spread as the goldens' so
-    # the significance map has no near-ties and both runs sort the tokens the same way.
+def _compile_case():
+    # Weights spread as the goldens' so the significance map has no near-ties and both runs sort
+    # the tokens the same way (float32 sums reordered by fusion could otherwise flip a tie).
     torch.manual_seed(0)
     model = spread_init(sg.sgformer_tiny(num_classes=5)).eval()
-    x = torch.randn(2, 3, 56, 56)
+    return model, torch.randn(2, 3, 56, 56)
+
+
+def test_compile_traces_one_graph_and_matches_eager():
+    # fullgraph=True: sort, gather and the block layout trace without a graph break, i.e. no
+    # data-dependent Python control flow. aot_eager keeps this cheap; the inductor run is below.
+    model, x = _compile_case()
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # inductor's code generation: ~40 s of CPU even for this model
+def test_inductor_compile_matches_eager():
+    # float32, tolerance 1e-4: inductor fuses and reorders float32 sums.
+    model, x = _compile_case()
     with torch.no_grad():
         eager = model(x)
         compiled = torch.compile(model, dynamic=False)(x)

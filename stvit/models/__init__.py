@@ -15,7 +15,9 @@ from torch import nn
 from ..checkpoint import load_checkpoint
 from ..registry import model_entry, resolve_name
 from . import stvit  # noqa: F401  (registers its family; so do the imports below)
+from . import sgformer  # noqa: F401
 from . import sovit  # noqa: F401
+from . import lvt  # noqa: F401
 
 
 def create_model(name: str, *, pretrained: str | os.PathLike | Mapping | None = None, **overrides) -> nn.Module:

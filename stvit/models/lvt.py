@@ -569,7 +569,7 @@ class LVT(ModelBase):
         self.with_cls_head, self.features_only = with_cls_head, features_only
         self.num_features = embed_dims[-1]
         self.mix_scale = 2 ** (S - 1)  # stage-1 tokens per stage-4 token along a side (official pooling_scale 8)
-        self.drop_rate = drop_rate     # accepted, unused (as in the official code)
+        self.drop_rate = drop_rate     # accepted, unused (as in the official code); so is patch_size
         self.grad_checkpointing = False
 
         # Registration order = the official state dict's: cls_token, backbone, norm, head, post_network, aux_head.
@@ -803,8 +803,11 @@ def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module) -> dict:
 
 # ---- registered variants ------------------------------------------------------------------------
 
-LVT_CFG = {**DEFAULT_PRETRAINED_CFG, "crop_pct": 0.96, "interpolation": "bicubic", "classifier": "head",
-           "first_conv": "backbone.0.0.proj"}  # lvt_cls.py ``_cfg(crop_pct=0.96)``, bicubic, 224²
+# lvt_cls.py ``_cfg(crop_pct=0.96)``: 224², bicubic. Two classifiers (timm allows a tuple): fine-tuning
+# to another class count replaces both ``head`` and ``aux_head``; ``get_classifier()`` returns ``head``.
+LVT_PRETRAINED = dict(crop_pct=0.96, interpolation="bicubic", classifier=("head", "aux_head"),
+                      first_conv="backbone.0.0.proj")
+LVT_CFG = {**DEFAULT_PRETRAINED_CFG, **LVT_PRETRAINED}
 
 # configs/lvt_imagenet.py (the README's --cfg): RASA with rates 1/3/5, SiLU, two recursions.
 LVT_RASA_CFG = dict(atrous_rates=[1, 3, 5], act_layer="nn.SiLU(True)", init="kaiming", r_num=2)
@@ -845,12 +848,12 @@ LVT_RECIPE = dict(
 
 # README / paper Table (ImageNet, 224²): 74.8 top-1, 0.9 GFLOPs (= MACs: 0.889 G counted), and
 # "Backbone Params 3.4 M" — the backbone only; the whole classifier (post layers, heads) is 5.52 M.
-@register_model("lvt", pretrained_cfg=dict(crop_pct=0.96), paper=dict(params_m=3.4, macs_g=0.9, top1=74.8),
+@register_model("lvt", pretrained_cfg=LVT_PRETRAINED, paper=dict(params_m=3.4, macs_g=0.9, top1=74.8),
                 recipe=LVT_RECIPE)
 def lvt_cls(**overrides) -> LVT:
     return LVT(**{**LVT_CONFIGS["lvt_cls"], **overrides})
 
 
-@register_model("lvt", pretrained_cfg=dict(crop_pct=0.96), recipe=LVT_RECIPE, demo=dict(input_size=64))
+@register_model("lvt", pretrained_cfg=LVT_PRETRAINED, recipe=LVT_RECIPE, demo=dict(input_size=64))
 def lvt_tiny(**overrides) -> LVT:
     return LVT(**{**LVT_CONFIGS["lvt_tiny"], **overrides})
