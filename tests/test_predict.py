@@ -163,3 +163,22 @@ def test_backbone_checkpoint_and_wrong_names_file(tmp_path, capsys):
     code = predict.main([str(tmp_path / "x.png"), "--model", "tiny", "--class-names", str(tmp_path / "names.txt")])
     err = capsys.readouterr().err
     assert code == 1 and "has 2 lines but the model has 1000 classes" in err
+
+
+@pytest.mark.parametrize("name", ["sgformer_tiny", "lvt_tiny", "sovit_tiny"])
+def test_any_family_predicts_through_the_contract(tmp_path, capsys, name):
+    """predict speaks only to the model contract: another family's checkpoint (here a 7-class one, its
+    classifier size read from the file) classifies at that model's own input size and crop."""
+    torch.manual_seed(0)
+    model = stvit.create_model(name, num_classes=7).eval()
+    stvit.save_state_dict(model.state_dict(), tmp_path / "w.pt")
+    photo(1, (150, 120)).save(tmp_path / "a.png")
+    assert predict.main([str(tmp_path / "a.png"), "--model", name, "--checkpoint", str(tmp_path / "w.pt"),
+                         "--topk", "3", "--device", "cpu"]) == 0
+    (rows,) = parse(capsys.readouterr().out).values()
+    x = stvit.images.EvalTransform(model.pretrained_cfg)(Image.open(tmp_path / "a.png"))
+    with torch.no_grad():
+        expected = model(x[None]).softmax(-1)[0]
+    assert [index for _, index, _ in rows] == expected.topk(3).indices.tolist()
+    assert [p for p, _, _ in rows] == pytest.approx(expected.topk(3).values.tolist(), abs=1e-4)
+    assert all(label == f"class {i}" for _, i, label in rows)
