@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> dict:
                               ("params_m", "params (M)"), ("paper_params_m", "paper params (M)"),
                               ("macs_g", "MACs (G)"), ("paper_macs_g", "paper FLOPs (G)"),
                               ("paper_top1", "paper top-1 (%)")]))
+    backbone_only = [n for n in names if stvit.model_entry(n).paper.get("params_of") == "backbone"]
+    if backbone_only:
+        print(f"paper params of {', '.join(backbone_only)}: the backbone only (its features_only model)")
     print("MACs: torch.utils.flop_counter on one eval forward, FLOPs/2 (the papers' 'FLOPs' are MACs); it counts "
           "convolutions and matrix products (bmm included), not norms, activations or softmax.")
     result = dict(command="flops", rows=rows)

@@ -51,7 +51,9 @@ class ModelEntry:
     family: str
     builder: Callable[..., nn.Module]
     pretrained_cfg: dict  # what differs from the model class's own pretrained_cfg
-    paper: dict = field(default_factory=dict)   # params_m, macs_g, top1 (None where the paper has none)
+    # params_m, macs_g, top1 (None where the paper has none); params_of="backbone" where the paper
+    # counts the backbone only (the features_only model)
+    paper: dict = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)  # differences from train's paper preset
     demo: dict = field(default_factory=dict)    # differences from train's demo preset
     aliases: tuple[str, ...] = ()
@@ -59,7 +61,7 @@ class ModelEntry:
     @property
     def ours(self) -> bool:
         """A variant of ours (demos, tests): the paper has no figure for it."""
-        return all(v is None for v in self.paper.values())
+        return all(self.paper.get(k) is None for k in ("params_m", "macs_g", "top1"))
 
 
 FAMILIES: dict[str, Family] = {}

@@ -848,7 +848,7 @@ LVT_RECIPE = dict(
 
 # README / paper Table (ImageNet, 224²): 74.8 top-1, 0.9 GFLOPs (= MACs: 0.889 G counted), and
 # "Backbone Params 3.4 M" — the backbone only; the whole classifier (post layers, heads) is 5.52 M.
-@register_model("lvt", pretrained_cfg=LVT_PRETRAINED, paper=dict(params_m=3.4, macs_g=0.9, top1=74.8),
+@register_model("lvt", pretrained_cfg=LVT_PRETRAINED, paper=dict(params_m=3.4, params_of="backbone", macs_g=0.9, top1=74.8),
                 recipe=LVT_RECIPE)
 def lvt_cls(**overrides) -> LVT:
     return LVT(**{**LVT_CONFIGS["lvt_cls"], **overrides})
