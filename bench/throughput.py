@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> dict:
         warnings.warn("bf16 is emulated on this CPU (no AVX512-BF16/AMX): bf16 modes run many times slower "
                       "than fp32 and their MFU is given against the fp32 matmul peak", precision.EmulatedBF16Warning)
 
-    rows = []
+    cases = []  # every (model, batch, mode) of the run, timed together below
     for canonical in names:
         torch.manual_seed(0)
         ours = stvit.create_model(canonical).to(device).eval()
@@ -115,14 +115,17 @@ def run(args: argparse.Namespace) -> dict:
         for batch in batch_sizes:
             x = torch.randn(batch, ours.in_chans, size, size, device=device)
             ours.check_input(x)  # a size the model cannot take: its message, before any timing
-            for row in measure_modes(modes, ours, theirs, x, device, args):
-                dtype = torch.bfloat16 if row["mode"] in BF16_MODES else torch.float32
-                flops = flops_per_image * (3 if row["mode"] in TRAIN_MODES else 1)
-                achieved = row["img_per_s"] * flops
-                row = dict(model=canonical, batch=batch, size=size, **row, dtype=precision.name_of(dtype),
-                           gflop_per_img=flops / 1e9, achieved_gflops=achieved / 1e9)
-                rows.append(dict(row, mfu=achieved / peaks[_peak_dtype(row, peaks)]))
-            add_speedups(rows)
+            for mode in modes:
+                dtype = torch.bfloat16 if mode in BF16_MODES else torch.float32
+                flops = flops_per_image * (3 if mode in TRAIN_MODES else 1)
+                cases.append(dict(model=canonical, batch=batch, size=size, mode=mode, dtype=precision.name_of(dtype),
+                                  gflop_per_img=flops / 1e9, step=build_step(mode, ours, theirs, x, device)))
+    rows = []
+    for case, timing in zip(cases, measure(cases, device, args)):
+        row = {k: v for k, v in case.items() if k != "step"} | timing
+        achieved = row["img_per_s"] * row["gflop_per_img"] * 1e9
+        rows.append(dict(row, achieved_gflops=achieved / 1e9, mfu=achieved / peaks[_peak_dtype(row, peaks)]))
+    add_speedups(rows)
     # The peak is measured again at the end and the better of the two kept: a busy moment during
     # one measurement must not make every utilisation look better than it is.
     for dtype in peaks:
@@ -162,38 +165,36 @@ def add_speedups(rows: list[dict]) -> None:
         r["speedup"] = r["img_per_s"] / base["img_per_s"] if base else None
 
 
-def measure_modes(modes: list[str], ours: nn.Module, theirs: nn.Module | None, x: torch.Tensor,
-                  device: torch.device, args: argparse.Namespace) -> list[dict]:
-    """Warm up every mode (compiling where it compiles), then time the modes in turns, one call of
-    each per round, so that a change in the machine's load affects all of them alike; finally
-    measure each mode's peak memory in one more call."""
-    steps, warmup_s = {}, {}
-    for mode in modes:
-        steps[mode] = build_step(mode, ours, theirs, x, device)
+def measure(cases: list[dict], device: torch.device, args: argparse.Namespace) -> list[dict]:
+    """Warm up every case (compiling where it compiles), then time all cases in turns — one call of
+    each per round, models and modes alike — so that a change in the machine's load affects all of
+    them alike; finally measure each case's peak memory in one more call."""
+    warmup_s = []
+    for case in cases:
         t0 = time.perf_counter()
         for _ in range(max(1, args.warmup)):
-            steps[mode]()
+            case["step"]()
         synchronize(device)
-        warmup_s[mode] = time.perf_counter() - t0
-    samples: dict[str, list[float]] = {mode: [] for mode in modes}
+        warmup_s.append(time.perf_counter() - t0)
+    samples: list[list[float]] = [[] for _ in cases]
     start = time.perf_counter()
-    while len(samples[modes[-1]]) < args.runs or time.perf_counter() - start < args.min_time:
-        for mode in modes:
+    while len(samples[-1]) < args.runs or time.perf_counter() - start < args.min_time:
+        for case, times in zip(cases, samples):
             t0 = time.perf_counter()
-            steps[mode]()
+            case["step"]()
             synchronize(device)
-            samples[mode].append(time.perf_counter() - t0)
-    rows, batch = [], x.shape[0]
-    for mode in modes:
+            times.append(time.perf_counter() - t0)
+    results = []
+    for case, times, warm in zip(cases, samples, warmup_s):
         with peak_memory(device) as mem:
-            steps[mode]()
-        timing = summarize(samples[mode])
-        rows.append(dict(mode=mode, img_per_s=batch / timing.median_s, img_per_s_min=batch / timing.max_s,
-                         img_per_s_max=batch / timing.min_s, median_ms=timing.median_s * 1e3,
-                         iqr_ms=timing.iqr_s * 1e3, runs=timing.runs, peak_mib=mib(mem["peak_bytes"]),
-                         compile_s=warmup_s[mode],
-                         cuda_graphs=device.type == "cuda" and mode in ("compiled", "compiled-bf16")))
-    return rows
+            case["step"]()
+        timing, batch = summarize(times), case["batch"]
+        results.append(dict(img_per_s=batch / timing.median_s, img_per_s_min=batch / timing.max_s,
+                            img_per_s_max=batch / timing.min_s, median_ms=timing.median_s * 1e3,
+                            iqr_ms=timing.iqr_s * 1e3, runs=timing.runs, peak_mib=mib(mem["peak_bytes"]),
+                            compile_s=warm,
+                            cuda_graphs=device.type == "cuda" and case["mode"] in ("compiled", "compiled-bf16")))
+    return results
 
 
 def build_step(mode: str, ours: nn.Module, theirs: nn.Module | None, x: torch.Tensor,

@@ -77,12 +77,16 @@ THROUGHPUT_FIELDS = {"model", "batch", "size", "mode", "img_per_s", "img_per_s_m
 def test_throughput_json_fields(tmp_path):
     out = tmp_path / "tp.json"
     cli.main(["throughput", "--default-allocator", "--device", "cpu", "--threads", "2", "--models", "tiny",
-              "--size", "32", "--batch-sizes", "2", "--modes", "eager", "optimized", "train", "--runs", "2",
+              "sgformer_tiny", "--batch-sizes", "2", "--modes", "eager", "optimized", "train", "--runs", "2",
               "--warmup", "1", "--json", str(out)])
     result = json.loads(out.read_text())
     assert {"command", "machine", "memory_method", "matmul_peak_gflops", "rows"} <= set(result)
     assert result["machine"]["threads"] == 2
-    assert [r["mode"] for r in result["rows"]] == ["eager", "optimized", "train"]
+    # Two families side by side, each at its own input size (SG-Former's is fixed).
+    assert [(r["model"], r["size"]) for r in result["rows"]] == [("stvit_tiny", 224)] * 3 + [("sgformer_tiny", 56)] * 3
+    assert [r["mode"] for r in result["rows"]] == ["eager", "optimized", "train"] * 2
+    assert all(r["runs"] == 2 for r in result["rows"])  # every case timed in the same rounds
+    result["rows"] = result["rows"][:3]
     for r in result["rows"]:
         assert set(r) == THROUGHPUT_FIELDS
         assert r["img_per_s_min"] <= r["img_per_s"] <= r["img_per_s_max"]
