@@ -7,8 +7,8 @@ the bench modes and ``python -m stvit.predict`` all resolve a name here.
 * ``auto``: bf16 on a CUDA GPU, fp32 on a CPU.
 
 On a CPU without native bf16 instructions (no AVX512-BF16 or AMX) bf16 is emulated and many times
-slower than fp32 (STViT-S: 0.9 img/s against 15 img/s measured on such a CPU), so asking for it
-there warns.
+slower than fp32 (the issue that asked for this warning reports STViT-S at 0.9 img/s against 15 img/s
+in fp32), so asking for it there warns.
 """
 
 from __future__ import annotations
