@@ -4,13 +4,19 @@ Layout of an output folder::
 
     ckpt-00001234/         newest complete checkpoint (sharded: one file per process + .metadata)
         train_state.json   epoch, step, sampler position, epoch sums, metric history, config
-        rng-rank<R>.pt     torch / CUDA / numpy / python RNG states of process R
+        rng-rank<R>.pt     RNG states and BatchNorm running statistics of process R
+        manifest.json      size and CRC-32 of every other file; written last
+    ckpt-00001200/         the one before (``--keep-checkpoints K``, default 2: the K newest are kept)
     latest                 the name of the newest complete checkpoint (replaced atomically)
     model_final.pt         {"model": full state dict} for stvit.load_checkpoint
 
-A checkpoint is written into ``.ckpt-<step>.tmp/`` and renamed into place only once every process
-has finished writing; ``latest`` then points at it and only then is the previous one deleted, so
-a crash at any moment leaves a complete checkpoint behind.
+A checkpoint is written into ``.ckpt-<step>.tmp/``; once every process has finished writing, the
+file sizes and checksums are recorded in ``manifest.json`` and only then is the folder renamed
+into place, ``latest`` pointed at it and checkpoints beyond the newest K deleted, so a crash at any
+moment leaves complete checkpoints behind. A write that fails (a full disk) removes the temporary
+folder on every process and names the path and the free space. On resume every file is checked
+against the manifest (each process checks its share); a damaged checkpoint — a shard cut short,
+a garbled file — is reported and the one before it is used.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import random
 import shutil
 import warnings
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,10 +44,15 @@ PREFIX = "ckpt-"
 LATEST = "latest"
 STATE_FILE = "train_state.json"
 FINAL = "model_final.pt"
+MANIFEST = "manifest.json"
 
 
 class ResumeError(ValueError):
     """A checkpoint that is missing, incomplete or does not fit this run."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, folder not writable); nothing partial was kept."""
 
 
 @contextmanager
@@ -82,37 +94,133 @@ def _training_state(model, optimizer, ema) -> dict:
     return state
 
 
-def save_checkpoint(output_dir: str | os.PathLike, model, optimizer, ema, train_state: dict, env) -> Path:
-    """Collective: every process calls it. Returns the checkpoint folder."""
+def save_checkpoint(output_dir: str | os.PathLike, model, optimizer, ema, train_state: dict, env,
+                    keep: int = 2) -> Path:
+    """Collective: every process calls it. Returns the checkpoint folder; raises
+    :class:`CheckpointWriteError` on every process alike when any process could not write."""
     output_dir = Path(output_dir)
     name = f"{PREFIX}{train_state['global_step']:08d}"
     final, tmp = output_dir / name, output_dir / f".{name}.tmp"
+    own = distributed.local_buffers(model)  # this process's BatchNorm statistics, put back after saving
     distributed.average_buffers(model)  # every process saves, and later evaluates, the same statistics
-    if env.is_main:
-        for partial in output_dir.glob(f".{PREFIX}*.tmp"):  # left by a crash while writing
-            shutil.rmtree(partial, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    distributed.barrier()
-    with _quiet_single_process():
-        dcp.save(_training_state(model, optimizer, ema), checkpoint_id=str(tmp))
-    torch.save(rng_state(), tmp / f"rng-rank{env.rank}.pt")
-    distributed.barrier()
-    if env.is_main:
-        atomic_write_text(tmp / STATE_FILE, json.dumps(train_state, indent=1))
-        if final.exists():  # re-saving a step (e.g. after a resume): keep the old one until replaced
-            old = output_dir / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        atomic_write_text(output_dir / LATEST, name + "\n")
-        for stale in output_dir.glob(f"{PREFIX}*"):
-            if stale.name != name and stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-    distributed.barrier()
+    try:
+        error = None
+        if env.is_main:
+            try:
+                for partial in output_dir.glob(f".{PREFIX}*.tmp"):  # left by a crash while writing
+                    shutil.rmtree(partial, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                error = e
+        _raise_if_any(distributed.all_gather_object(_describe(error)), output_dir, final, tmp, env)
+        try:
+            with _quiet_single_process():
+                dcp.save(_training_state(model, optimizer, ema), checkpoint_id=str(tmp))
+            torch.save({**rng_state(), "buffers": own, "world_size": env.world_size}, tmp / f"rng-rank{env.rank}.pt")
+        except Exception as e:  # noqa: BLE001 - reported below, on every process
+            error = e
+        _raise_if_any(distributed.all_gather_object(_describe(error)), output_dir, final, tmp, env)
+        try:  # every file is written: each process checksums its share
+            entries = _checksums(tmp, env.rank, env.world_size)
+        except OSError as e:
+            error, entries = e, {}
+        shares = distributed.all_gather_object((_describe(error), entries))
+        _raise_if_any([problem for problem, _ in shares], output_dir, final, tmp, env)
+        if env.is_main:
+            try:
+                text = json.dumps(train_state, indent=1)
+                atomic_write_text(tmp / STATE_FILE, text)
+                files = {k: v for _, share in shares for k, v in share.items()}
+                files[STATE_FILE] = {"bytes": len(text.encode()), "crc32": _crc32_bytes(text.encode())}
+                atomic_write_text(tmp / MANIFEST, json.dumps({"format": 1, "step": train_state["global_step"],
+                                                              "world_size": env.world_size, "files": files},
+                                                             indent=1))
+                _publish(output_dir, name, final, tmp, keep)
+            except OSError as e:
+                error = e
+        _raise_if_any([distributed.broadcast_object(_describe(error))], output_dir, final, tmp, env)
+    finally:
+        distributed.restore_buffers(model, own)
     return final
+
+
+def _publish(output_dir: Path, name: str, final: Path, tmp: Path, keep: int) -> None:
+    """Rename the written folder into place, point ``latest`` at it, keep the ``keep`` newest."""
+    if final.exists():  # re-saving a step (e.g. after a resume): keep the old one until replaced
+        old = output_dir / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    atomic_write_text(output_dir / LATEST, name + "\n")
+    # Older checkpoints beyond the newest ``keep`` go, and so do newer ones: those belong to a timeline
+    # abandoned by resuming from an earlier checkpoint.
+    older = sorted(p.name for p in output_dir.glob(f"{PREFIX}*") if p.is_dir() and p.name < name)
+    kept = {name, *older[len(older) - (keep - 1):]} if keep > 1 else {name}
+    for stale in output_dir.glob(f"{PREFIX}*"):
+        if stale.is_dir() and stale.name not in kept:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _describe(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    return _first_line(error)
+
+
+def _raise_if_any(problems: list, output_dir: Path, final: Path, tmp: Path, env) -> None:
+    """Collective outcome of one phase of a save: every process raises the same error, the main
+    process first removes the partial folder, so a partial checkpoint is never taken for complete."""
+    found = [(rank, p) for rank, p in enumerate(problems) if p]
+    if not found:
+        return
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    latest = output_dir / LATEST
+    previous = latest.read_text().strip() if latest.is_file() else None
+    where = "" if len(problems) == 1 else f" (process {found[0][0]})"
+    raise CheckpointWriteError(
+        f"cannot write checkpoint {final}{where}: {found[0][1]}; {disk_space(output_dir)}; the partial checkpoint "
+        f"was removed; " + (f"the last complete checkpoint is {output_dir / previous}" if previous
+                            else "no earlier checkpoint exists"))
+
+
+def disk_space(path: str | os.PathLike) -> str:
+    """``free space on PATH: X GiB of Y GiB`` for the nearest existing folder of ``path``."""
+    path = Path(path).absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        usage = shutil.disk_usage(probe)
+    except OSError as e:
+        return f"free space on {probe} unknown ({e.strerror or e})"
+    return f"free space on {probe}: {_gib(usage.free)} of {_gib(usage.total)}"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+def _crc32_file(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _crc32_bytes(data: bytes) -> str:
+    return f"{zlib.crc32(data):08x}"
+
+
+def _checksums(folder: Path, rank: int, world: int) -> dict:
+    """Size and CRC-32 of this process's share of the files in ``folder`` (the manifest's entries)."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in (STATE_FILE, MANIFEST))
+    return {n: {"bytes": (folder / n).stat().st_size, "crc32": _crc32_file(folder / n)}
+            for n in names[rank::world]}
 
 
 def save_final(output_dir: str | os.PathLike, model, ema, extra: dict, env) -> Path | None:
@@ -138,27 +246,107 @@ def _full_cpu(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---- finding and loading -------------------------------------------------------------------------
-def _is_complete(folder: Path) -> bool:
-    return (folder / ".metadata").is_file() and (folder / STATE_FILE).is_file()
+def verify(folder: str | os.PathLike, rank: int = 0, world: int = 1) -> str | None:
+    """What is wrong with the checkpoint ``folder`` (None: complete and intact).
+
+    Every file is checked against ``manifest.json`` — process ``rank`` of ``world`` checks its share.
+    A folder without a manifest (written before manifests existed) counts as complete when it holds
+    ``.metadata`` and a readable ``train_state.json``."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        if not (folder / ".metadata").is_file():
+            return f"{folder} has no {MANIFEST} and no .metadata (not completely written)"
+        try:
+            json.loads((folder / STATE_FILE).read_text())
+        except (OSError, ValueError) as e:
+            return f"{folder / STATE_FILE} is unreadable ({_first_line(e)})"
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        entries = sorted((str(n), int(v["bytes"]), str(v["crc32"])) for n, v in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{manifest} is unreadable ({_first_line(e)})"
+    names = {n for n, _, _ in entries}
+    if not {".metadata", STATE_FILE} <= names:
+        return f"{manifest} does not list .metadata and {STATE_FILE}"
+    for name, size, crc in entries[rank::world]:
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"{path} has {actual} bytes, {size} were written (cut short or overwritten)"
+        if _crc32_file(path) != crc:
+            return f"{path} does not match the checksum written with it (damaged)"
+    return None
+
+
+def candidates(folder: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders inside ``folder``, the one to try first first: the one ``latest`` names, then
+    the older ones, newest first (newer ones than ``latest`` belong to an abandoned timeline)."""
+    folder = Path(folder)
+    names = sorted((p.name for p in folder.glob(f"{PREFIX}*") if p.is_dir()), reverse=True)
+    latest = folder / LATEST
+    try:
+        pointed = latest.read_text().strip() if latest.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        pointed = None
+    if pointed in names:
+        names = [pointed] + [n for n in names if n < pointed]
+    return [folder / n for n in names]
+
+
+def _is_checkpoint_folder(path: Path) -> bool:
+    return (path / ".metadata").is_file() or (path / MANIFEST).is_file()
+
+
+def _no_checkpoint(path: Path) -> ResumeError:
+    return ResumeError(f"--resume {path}: no complete checkpoint in this folder (expected {path}/{LATEST} "
+                       f"and {path}/{PREFIX}<step>/ written by a run with --output-dir {path})")
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint folder to resume from: ``path`` itself, or the newest complete one inside it."""
+    """The checkpoint folder to resume from: ``path`` itself, or the newest intact one inside it
+    (one process; :func:`select_checkpoint` is the collective version that reports what it skips)."""
     path = Path(path)
     if not path.exists():
         raise ResumeError(f"--resume {path}: no such folder; give the --output-dir of an earlier run")
-    if _is_complete(path):
+    if _is_checkpoint_folder(path):
+        problem = verify(path)
+        if problem:
+            raise ResumeError(f"--resume {path}: {problem}")
         return path
-    latest = path / LATEST
-    if latest.is_file():
-        candidate = path / latest.read_text().strip()
-        if _is_complete(candidate):
+    for candidate in candidates(path):
+        if verify(candidate) is None:
             return candidate
-    found = sorted(p for p in path.glob(f"{PREFIX}*") if p.is_dir() and _is_complete(p))
-    if found:
-        return found[-1]
-    raise ResumeError(f"--resume {path}: no complete checkpoint in this folder (expected {path}/{LATEST} "
-                      f"and {path}/{PREFIX}<step>/ written by a run with --output-dir {path})")
+    raise _no_checkpoint(path)
+
+
+def select_checkpoint(path: str | os.PathLike, env, warn) -> Path:
+    """Collective: the newest intact checkpoint in ``path`` (or ``path`` itself, a checkpoint folder).
+
+    Each damaged one is reported through ``warn`` with what is wrong, and the one before it is tried;
+    every process checks its share of the files and all agree on the result."""
+    path = Path(path)
+    listing = None
+    if env.is_main:
+        if not path.exists():
+            listing = f"--resume {path}: no such folder; give the --output-dir of an earlier run"
+        else:
+            listing = [str(path)] if _is_checkpoint_folder(path) else [str(c) for c in candidates(path)]
+    listing = distributed.broadcast_object(listing)
+    if isinstance(listing, str):
+        raise ResumeError(listing)
+    for candidate in map(Path, listing):
+        problems = [p for p in distributed.all_gather_object(verify(candidate, env.rank, env.world_size)) if p]
+        if not problems:
+            return candidate
+        warn(f"warning: checkpoint {candidate} is damaged and is skipped: {problems[0]}")
+    if listing == [str(path)]:
+        raise ResumeError(f"--resume {path}: this checkpoint is damaged; give its run folder to fall back to an "
+                          f"earlier one")
+    raise _no_checkpoint(path)
 
 
 def read_train_state(ckpt: Path) -> dict:
@@ -192,7 +380,11 @@ def load_checkpoint(ckpt: Path, model, optimizer, ema, env) -> None:
         ema.load_state_dict(state["ema"])
     rng_file = Path(ckpt) / f"rng-rank{env.rank}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        saved = torch.load(rng_file, weights_only=True)
+        set_rng_state(saved)
+        if saved.get("world_size") == env.world_size and "buffers" in saved:
+            # Same layout: each process continues with its own BatchNorm statistics, as if never stopped.
+            distributed.restore_buffers(model, saved["buffers"])
 
 
 def load_model_weights(ckpt: Path, model) -> None:

@@ -100,7 +100,7 @@ class TrainConfig:
     model_ema_decay: float = 0.99996
     num_workers: int = 10
     seed: int = 0
-    resume: str | None = None
+    resume: str | None = None  # None: auto (continue the run in output_dir if any); "never"; or a folder
     eval_only: bool = False
     checkpoint: str | None = None
     finetune: str | None = None
@@ -109,7 +109,9 @@ class TrainConfig:
     grad_checkpoint: bool = False
     precision: str = "auto"  # auto: bf16 mixed precision on GPU, fp32 on CPU
     max_steps: int | None = None  # test hook: stop after this many optimizer steps
-    fault: str | None = None  # test hook: "kill@STEP" or "nan@STEP"
+    fault: str | None = None  # test hook: "kill@STEP", "nan@STEP", "term@STEP" or "stall@STEP"
+    dist_timeout: float = 600.0  # seconds any collective may wait for the other processes
+    keep_checkpoints: int = 2  # newest complete checkpoints kept (older ones are the fallbacks)
     log_every: int = 50
     demo_dataset: dict = field(default_factory=dict)
 
@@ -179,8 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runs, checkpoints, evaluation")
     g.add_argument("--num-workers", type=int, default=None, help="data loader processes per training process")
     g.add_argument("--seed", type=int, default=None, help="default 0")
-    g.add_argument("--resume", default=None, help="output folder (or checkpoint folder) of a run to continue, "
-                   "mid-epoch if it stopped mid-epoch; options not given take the run's saved values")
+    g.add_argument("--resume", default=None, metavar="auto|never|DIR",
+                   help="auto (default): continue the run in --output-dir if it holds a checkpoint of the same "
+                   "configuration (so a restarted or re-submitted job picks up where it stopped), start fresh "
+                   "if it holds none, refuse if it holds another run; never: start fresh, moving an earlier "
+                   "run's files aside; DIR: continue the run (or checkpoint) in DIR, mid-epoch if it stopped "
+                   "mid-epoch; options not given take the run's saved values")
+    g.add_argument("--keep-checkpoints", type=int, default=None, metavar="K",
+                   help="keep the K newest complete checkpoints (default 2): a damaged newest one falls back "
+                   "to the one before")
+    g.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long a collective waits for the other processes before the run fails "
+                   "(default 600): a dead or hung peer never leaves the others waiting for ever")
     g.add_argument("--ckpt-every", type=int, default=None,
                    help="also checkpoint every N optimizer steps (0: only at the end of each epoch)")
     g.add_argument("--eval", dest="eval_only", action="store_true",
@@ -200,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("test hooks (for the test suite)")
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps (the schedule still spans --epochs)")
-    g.add_argument("--fault", default=None, help="inject a failure: kill@STEP (SIGKILL after that step) "
-                   "or nan@STEP (a NaN loss at that step)")
+    g.add_argument("--fault", default=None, help="inject a failure: kill@STEP (SIGKILL after that step), "
+                   "nan@STEP (a NaN loss at that step), term@STEP (the last process sends itself SIGTERM after "
+                   "that step) or stall@STEP (process 0 pauses after that step, on the first launch only, until "
+                   "signalled or for 120 s)")
     return p
 
 
@@ -351,9 +365,41 @@ def validate(cfg: TrainConfig) -> None:
     need(not (cfg.finetune and cfg.resume),
          "--finetune starts a new run from weights, --resume continues a run: give only one")
     if cfg.fault is not None:
-        kind, _, step = cfg.fault.partition("@")
-        need(kind in ("kill", "nan") and step.isdigit(), f"--fault must be kill@STEP or nan@STEP, got {cfg.fault!r}")
+        need(parse_fault(cfg.fault) is not None,
+             f"--fault must be one of {', '.join(k + '@STEP' for k in FAULTS)}, got {cfg.fault!r}")
+
+
+FAULTS = ("kill", "nan", "term", "stall")
+
+
+def parse_fault(fault: str | None) -> tuple[str, int] | None:
+    """``--fault KIND@STEP`` as (kind, step); None when absent or malformed."""
+    kind, _, step = (fault or "").partition("@")
+    return (kind, int(step)) if kind in FAULTS and step.isdigit() else None
+RESUME_MODES = ("auto", "never")
 
 
 def parse_config(argv: list[str] | None = None, world_size: int = 1) -> TrainConfig:
-    return resolve_config(build_parser().parse_args(argv), world_size)
+    args = build_parser().parse_args(argv)
+    mode = args.resume if args.resume in RESUME_MODES else None
+    if mode is not None:  # not a folder: nothing to inherit options from
+        args.resume = None
+    cfg = resolve_config(args, world_size)
+    return apply_fault_options(cfg, args, mode)
+
+
+def apply_fault_options(cfg: TrainConfig, args: argparse.Namespace, mode: str | None) -> TrainConfig:
+    """--resume auto|never, --keep-checkpoints, --dist-timeout (operational: never inherited from a run)."""
+    if mode == "never":
+        if cfg.eval_only:
+            raise ConfigError("--eval --resume never: give the run to evaluate, --resume DIR or --checkpoint FILE")
+        cfg.resume = "never"
+    if args.keep_checkpoints is not None:
+        cfg.keep_checkpoints = args.keep_checkpoints
+    if args.dist_timeout is not None:
+        cfg.dist_timeout = args.dist_timeout
+    if cfg.keep_checkpoints < 1:
+        raise ConfigError(f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+    if not cfg.dist_timeout > 0:
+        raise ConfigError(f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
+    return cfg

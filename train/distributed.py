@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import secrets
+import socket
+import time
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +47,11 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def init_distributed() -> DistEnv:
-    """Join (or create) the process group this process belongs to; see the module docstring."""
+def init_distributed(timeout: float = 1800.0) -> DistEnv:
+    """Join (or create) the process group this process belongs to; see the module docstring.
+
+    ``timeout`` (seconds) bounds every collective and barrier of the run: a peer that died or hangs
+    makes the others fail with an error after that long instead of waiting for ever."""
     cuda = torch.cuda.is_available()
     if launched_by_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -53,8 +59,10 @@ def init_distributed() -> DistEnv:
         device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30),
-                                device_id=device if cuda else None)
+        store = _fresh_store(rank, world, timeout)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout),
+                                device_id=device if cuda else None, store=store,
+                                **({"rank": rank, "world_size": world} if store is not None else {}))
     elif cuda:
         rank, world, local_rank, device = 0, 1, 0, torch.device("cuda", 0)
         torch.cuda.set_device(device)
@@ -64,6 +72,54 @@ def init_distributed() -> DistEnv:
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(device.type, (world,))
     return DistEnv(rank, world, local_rank, device, mesh)
+
+
+_STORE_KEY = "stvit/process-group-store"
+
+
+def _fresh_store(rank: int, world: int, timeout: float):
+    """A key-value store for the process group that no earlier launch has written to.
+
+    torchrun's workers share the agent's store (``TORCHELASTIC_USE_AGENT_STORE=True``), which outlives
+    a restart: workers restarted by ``--max-restarts`` found the addresses their dead predecessors
+    had left there, and gloo failed to connect (NCCL can hang on a stale unique id). Here process 0
+    starts a new store and publishes its address (with a random token) in the agent's store; the
+    others connect once the published address answers with that token — a stale address belongs to
+    a process that is gone, so they wait for the new one. None: not under torchrun's shared store
+    (``env://`` then makes a new store per launch)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    span = datetime.timedelta(seconds=timeout)
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=span)
+    if rank == 0:
+        store = dist.TCPStore(_own_address(), 0, world, is_master=True, timeout=span, wait_for_workers=False)
+        token = secrets.token_hex(8)
+        store.set(_STORE_KEY, token)
+        agent.set(_STORE_KEY, f"{_own_address()} {store.port} {token}")
+        return store
+    deadline = time.monotonic() + timeout
+    while True:
+        host, port, token = agent.get(_STORE_KEY).decode().split()
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()  # a stale address: refused, quietly
+            store = dist.TCPStore(host, int(port), world, is_master=False, timeout=datetime.timedelta(seconds=10))
+            if store.get(_STORE_KEY).decode() == token:
+                store.set_timeout(span)
+                return store
+        except (RuntimeError, ValueError, OSError):  # DistStoreError is a RuntimeError
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"process 0's store at {host}:{port} did not answer within --dist-timeout {timeout:g} s")
+        time.sleep(0.2)
+
+
+def _own_address() -> str:
+    """How the other processes reach this one: the launcher's address when that is a loopback one
+    (all on this machine), else this host's name (as torchrun names hosts)."""
+    master = os.environ.get("MASTER_ADDR", "")
+    if master in ("localhost", "::1") or master.startswith("127."):
+        return master
+    return socket.getfqdn(socket.gethostname())
 
 
 def shutdown() -> None:
@@ -147,3 +203,41 @@ def average_buffers(model: nn.Module) -> None:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def broadcast_object(obj):
+    """``obj`` of the main process, on every process (a picklable object; no-op without a group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every process's ``obj``, in rank order (``[obj]`` without a process group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``values`` over all processes (in place, also returned)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def local_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of this process's floating-point buffers (its own BatchNorm running statistics)."""
+    return {name: buf.detach().clone() for name, buf in model.named_buffers() if buf.is_floating_point()}
+
+
+def restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in saved.items():
+            if name in buffers:
+                buffers[name].copy_(value.to(buffers[name].device))

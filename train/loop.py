@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,8 @@ from torch.utils.data import DataLoader
 
 import stvit
 from stvit import precision
-from train import checkpoint, distributed, engine
-from train.config import ConfigError, TrainConfig
+from train import checkpoint, distributed, engine, faults
+from train.config import ConfigError, TrainConfig, parse_fault
 from train.data import DataError, build_datasets, collate_skip_corrupt
 from train.distributed import DistEnv
 from train.metrics import MetricsWriter, atomic_write_text
@@ -32,6 +31,8 @@ EPOCH_SUMS = ("loss_sum", "images", "skipped", "train_time")
 
 class Run:
     """State and helpers of one training or evaluation run (one per process)."""
+
+    stop_signals: faults.StopSignals | None = None  # set while training: SIGTERM / SIGUSR1 stop after a step
 
     def __init__(self, cfg: TrainConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
@@ -106,9 +107,10 @@ class Run:
         fresh = model.state_dict()
         heads = [k for k in stvit.checkpoint.classifier_keys(model) if k in state and state[k].shape != fresh[k].shape]
         if heads:
-            self.log(f"--finetune: {path} has a classifier for another number of classes than this dataset's "
-                     f"{self.cfg.num_classes}: {', '.join(heads)} are replaced by new, randomly initialised "
-                     f"weights; every other weight is loaded")
+            classes = state[heads[0]].shape[0]
+            self.log(f"--finetune: {path} has a {classes}-class classifier and this dataset has "
+                     f"{self.cfg.num_classes} classes: {', '.join(heads)} are replaced by new, randomly "
+                     f"initialised weights; every other weight is loaded")
             state.update({k: fresh[k] for k in heads})
         stvit.load_checkpoint(model, state)
         self.log(f"--finetune: loaded {path}")
@@ -146,11 +148,12 @@ class Run:
     # ---- training -----------------------------------------------------------------------------------
     def save(self) -> Path:
         return checkpoint.save_checkpoint(self.cfg.output_dir, self.model, self.optimizer, self.ema,
-                                          self.state, self.env)
+                                          self.state, self.env, keep=self.cfg.keep_checkpoints)
 
     def train(self, writer: MetricsWriter) -> dict | None:
         cfg, state = self.cfg, self.state
-        kill_step, nan_step = _fault_steps(cfg.fault)
+        kind, at = parse_fault(cfg.fault) or (None, None)
+        nan_step = at if kind == "nan" else None  # the other hooks run in faults.fault_hook
         record = state["history"][-1] if state["history"] else None
         for epoch in range(state["epoch"], cfg.epochs):
             first = state["step_in_epoch"]
@@ -184,8 +187,8 @@ class Run:
                 sums["skipped"] += stats.skipped
                 state.update(global_step=step + 1, step_in_epoch=k + 1, epoch_sums=sums)
                 self.report_progress(epoch, k, lr, stats, sums, writer)
-                if step + 1 == kill_step:
-                    os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a preempted job
+                faults.fault_hook(cfg.fault, step + 1, self.env, self.stop_signals)  # test hooks
+                self.stop_if_preempted(epoch, k)
                 last_step = k + 1 == self.steps_per_epoch
                 if cfg.max_steps is not None and step + 1 >= cfg.max_steps and not last_step:
                     self.save()
@@ -200,6 +203,19 @@ class Run:
                 self.log(f"--max-steps {cfg.max_steps} reached")
                 break
         return record
+
+    def stop_if_preempted(self, epoch: int, k: int) -> None:
+        """Collective, after every step: when any process received SIGTERM / SIGUSR1, all save and stop."""
+        stop = faults.agree_to_stop(self.stop_signals, self.env)
+        if stop is None:
+            return
+        signame, rank = stop
+        path = self.save()
+        self.log(f"{signame} received (by process {rank}): stopped after epoch {epoch + 1} step {k + 1}/"
+                 f"{self.steps_per_epoch} (global step {self.state['global_step']}); checkpoint {path} written. "
+                 f"Run the same command again to continue (--resume auto), or --resume {self.cfg.output_dir}; "
+                 f"exit status {faults.EXIT_PREEMPTED}")
+        raise faults.Preempted(f"{signame} at global step {self.state['global_step']}")
 
     def report_progress(self, epoch, k, lr, stats, sums, writer) -> None:
         cfg = self.cfg
@@ -233,25 +249,10 @@ class Run:
         return record
 
 
-def _fault_steps(fault: str | None) -> tuple[int | None, int | None]:
-    if not fault:
-        return None, None
-    kind, _, step = fault.partition("@")
-    return (int(step), None) if kind == "kill" else (None, int(step))
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def check_output_dir(cfg: TrainConfig) -> None:
-    """Never start a new run over an existing one."""
-    out = Path(cfg.output_dir)
-    if not cfg.eval_only and not cfg.resume and (out / checkpoint.LATEST).exists():
-        raise ConfigError(f"--output-dir {out} already holds a run; continue it with --resume {out} or choose "
-                          f"another --output-dir")
 
 
 def prepare_output_dir(cfg: TrainConfig, env: DistEnv) -> None:
@@ -267,14 +268,14 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict | None:
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
-    check_output_dir(cfg)
-    ckpt = checkpoint.find_checkpoint(cfg.resume) if cfg.resume else None  # fail fast on a wrong path
     r = Run(cfg, env)
+    ckpt = faults.starting_checkpoint(cfg, env, r.log)  # fail fast on a wrong path or another run's folder
     r.build_data()
     r.build_model()
     if cfg.eval_only:
         return evaluate_only(r, ckpt)
     r.build_training()
+    faults.check_storage(cfg.output_dir, env, faults.checkpoint_bytes(r.model, r.optimizer, r.ema))
     if ckpt is not None:
         r.resume(ckpt)
     prepare_output_dir(cfg, env)
@@ -285,10 +286,11 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict | None:
           f"({env.device.type}{', FSDP2' if env.use_fsdp else ''}{', bf16 mixed precision' if r.bf16 else ''}), "
           f"peak lr {cfg.lr:.3g}; writing to {cfg.output_dir}")
     writer = MetricsWriter(cfg.output_dir, enabled=env.is_main, history=r.state["history"],
-                           purge_step=r.state["global_step"] if cfg.resume else None)
+                           purge_step=r.state["global_step"] if ckpt is not None else None)
     try:
         start = time.perf_counter()
-        record = r.train(writer)
+        with faults.StopSignals() as r.stop_signals:
+            record = r.train(writer)
         path = checkpoint.save_final(cfg.output_dir, r.model, r.ema,
                                      {"config": cfg.to_dict(), "epoch": r.state["epoch"],
                                       "global_step": r.state["global_step"]}, env)
@@ -317,19 +319,45 @@ def evaluate_only(r: Run, ckpt: Path | None) -> dict:
     return val
 
 
-KNOWN_ERRORS = (ConfigError, DataError, checkpoint.ResumeError, stvit.CheckpointError, engine.NonFiniteLossError)
+KNOWN_ERRORS = (ConfigError, DataError, checkpoint.ResumeError, checkpoint.CheckpointWriteError,
+                stvit.CheckpointError, engine.NonFiniteLossError)
 
 
 def main_entry(cfg: TrainConfig) -> int:
-    """Initialise the process group, run, and turn known failures into one clear line on stderr."""
-    env = distributed.init_distributed()
+    """Initialise the process group, run, and turn failures into a clear message and an exit status:
+    0 done, 1 failed, :data:`faults.EXIT_PREEMPTED` stopped by SIGTERM / SIGUSR1 after a checkpoint.
+
+    A process that fails does not wait for the others (no barrier, no process-group teardown: a peer
+    may be blocked in a collective with it): it returns at once — a torchrun worker then leaves with
+    ``os._exit`` — and its peers fail in their next collective, at the latest after ``--dist-timeout``;
+    torchrun then stops the group, or restarts it with ``--max-restarts``."""
+    env = distributed.init_distributed(timeout=cfg.dist_timeout)
+    prefix = f"[rank {env.rank}] " if env.world_size > 1 else ""
     try:
         run(cfg, env)
-        distributed.barrier()  # leave together: no rank tears down while another still communicates
-        return 0
+        code = 0
+    except faults.Preempted:
+        code = faults.EXIT_PREEMPTED
+        if env.world_size > 1:
+            faults.ignore_stop_signals()
     except KNOWN_ERRORS as e:
-        prefix = f"[rank {env.rank}] " if env.world_size > 1 else ""
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        code = 1
+    except Exception as e:
+        if env.world_size == 1:
+            distributed.shutdown()
+            raise
+        print(f"{prefix}{traceback.format_exc()}{prefix}error: {type(e).__name__}: {e}\n{prefix}this process stops; "
+              f"the others stop at their next collective (after --dist-timeout {cfg.dist_timeout:g} s at most)",
+              file=sys.stderr, flush=True)
         return 1
-    finally:
+    if code == 1 and env.world_size > 1:
+        return code
+    try:
+        distributed.barrier()  # leave together: no rank tears down while another still communicates
         distributed.shutdown()
+    except Exception as e:  # a peer died after this process had finished
+        print(f"{prefix}error while leaving the process group: {type(e).__name__}: {e}", file=sys.stderr,
+              flush=True)
+        return code or 1
+    return code
