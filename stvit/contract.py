@@ -82,6 +82,18 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
     return [rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
 
 
+def init_vit_weights(m: nn.Module) -> None:
+    """The usual ViT initialisation (timm's, which STViT, So-ViT/SoT and LVT use): truncated-normal
+    (std 0.02) linear weights with zero bias, unit LayerNorm; other modules keep their own."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of ``-sum(targets * log_softmax(logits))`` (computed in float32)."""
     if logits.shape != targets.shape:

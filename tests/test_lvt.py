@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from stvit.checkpoint import load_checkpoint
 from stvit.contract import soft_target_cross_entropy
 from stvit.flops import count_macs, count_params
 from stvit.models import lvt as L
@@ -275,10 +276,10 @@ def test_release_file_loads_strictly_through_the_filter(official_keys):
     release = {"epoch": 299, "arch": "lvt_cls", "state_dict": {f"module.{k}": v for k, v in state.items()},
                "optimizer": {"state": {}}, "version": 2}
     model = L.lvt_cls()
-    model.load_state_dict(checkpoint_filter_fn(release, model), strict=True)
+    load_checkpoint(model, release)  # unwrapped, prefixes stripped, filtered, strict
     assert torch.equal(model.cls_token, state["cls_token"])
     backbone = L.lvt_cls(features_only=True)
-    backbone.load_state_dict(checkpoint_filter_fn(release, backbone), strict=True)
+    load_checkpoint(backbone, release)
     assert torch.equal(backbone.backbone[3][0].proj.weight, state["backbone.3.0.proj.weight"])
 
 
@@ -358,7 +359,7 @@ def test_post_layer_quirk_only_the_first_gets_qkv_bias():
 
 def test_features_only_and_backbone_mode(golden):
     model = LVT(**golden["config"], features_only=True).double()
-    model.load_state_dict(checkpoint_filter_fn(golden["state_dict"], model), strict=True)
+    load_checkpoint(model, golden["state_dict"])  # the classifier's keys are ignored, the rest strict
     case = golden["eval_only_cases"][0]
     maps = model.eval()(case["input"])
     assert [f["reduction"] for f in model.feature_info] == [4, 8, 16, 32]
@@ -376,7 +377,7 @@ def test_features_only_and_backbone_mode(golden):
     keys = set(backbone.state_dict())
     assert all(k.startswith(("backbone.", "downstream_norms.")) for k in keys)
     features = LVT(**golden["config"], features_only=True).eval()
-    features.load_state_dict(checkpoint_filter_fn(backbone.state_dict(), features), strict=True)
+    load_checkpoint(features, backbone.state_dict())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         outs, maps = backbone(x), features(x)
@@ -421,7 +422,10 @@ def test_grad_checkpointing_gives_the_same_grads():
 def test_registry_entries():
     assert FAMILIES["lvt"].model_class is LVT and FAMILIES["lvt"].checkpoint_filter is checkpoint_filter_fn
     cls, tiny = MODELS["lvt_cls"], MODELS["lvt_tiny"]
-    assert cls.paper == dict(params_m=3.4, macs_g=0.9, top1=74.8)
+    # The paper's 3.4 M is the backbone's count (the features_only model); 0.9 "GFLOPs" are MACs.
+    assert cls.paper["params_of"] == "backbone"
+    assert round(count_params(L.lvt_cls(features_only=True)) / 1e6, 1) == cls.paper["params_m"]
+    assert round(count_macs(L.lvt_cls(), (3, 224, 224)) / 1e9, 1) == cls.paper["macs_g"]
     assert cls.recipe["lr"] == 1.6e-3 and cls.recipe["warmup_epochs"] == 20
     assert cls.recipe["mixup"] == 0 and cls.recipe["cutmix"] == 0 and cls.pretrained_cfg["crop_pct"] == 0.96
     assert tiny.demo["input_size"] == 64

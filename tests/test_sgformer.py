@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import stvit.models.sgformer as sg
+from stvit.checkpoint import load_checkpoint, read_checkpoint
 from stvit.contract import FeatureInfo
 from stvit.flops import count_macs
 from stvit.registry import DEFAULT_PRETRAINED_CFG, FAMILIES, MODELS
@@ -214,8 +215,8 @@ def test_official_keys_load_strictly_and_through_the_filter(name, official):
     filtered = sg.checkpoint_filter_fn(zeros, model)
     assert set(filtered) == set(zeros)
     model.load_state_dict(filtered, strict=True, assign=True)
-    ddp = {f"module.{k}": v for k, v in zeros.items()}  # a DDP-wrapped save
-    model.load_state_dict(sg.checkpoint_filter_fn(ddp, model), strict=True, assign=True)
+    release = {"state_dict_ema": {f"module.{k}": v for k, v in zeros.items()}}  # timm's saver, DDP-wrapped
+    model.load_state_dict(sg.checkpoint_filter_fn(read_checkpoint(release), model), strict=True, assign=True)
     wrong = dict(zeros, **{"head.weight": torch.zeros(3, zeros["head.weight"].shape[1])})
     with pytest.raises(RuntimeError, match="head.weight"):
         model.load_state_dict(wrong, strict=True, assign=True)
@@ -227,8 +228,8 @@ def test_filter_resamples_pos_embed_and_drops_head_for_backbones():
     dst = sg.sgformer_tiny(img_size=112, sr_ratios=[8, 4, 2, 1], depths=[2, 2, 2, 1], num_heads=[2, 4, 4, 6],
                            features_only=True)
     state = sg.checkpoint_filter_fn(src.state_dict(), dst)
-    assert not any(k.startswith("head.") for k in state)
-    dst.load_state_dict(state, strict=True)
+    assert state["pos_embed"].shape == dst.pos_embed.shape
+    load_checkpoint(dst, src.state_dict())  # the generic loader: the filter, and the head ignored
     grid = src.pos_embed.detach().reshape(28, 28, -1)
     small = sg.resample_pos_embed(src.pos_embed.detach(), 14 * 14).reshape(14, 14, -1)
     assert small.shape == (14, 14, grid.shape[-1])
@@ -410,7 +411,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
 def test_features_only_maps_and_feature_info():
     full = spread_init(sg.sgformer_tiny()).eval()
     backbone = sg.sgformer_tiny(features_only=True).eval()
-    backbone.load_state_dict(sg.checkpoint_filter_fn(full.state_dict(), backbone), strict=True)
+    load_checkpoint(backbone, full.state_dict())
     assert not hasattr(backbone, "head")
     info = backbone.feature_info
     assert isinstance(info, FeatureInfo)

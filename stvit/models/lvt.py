@@ -56,7 +56,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices,
-                        soft_target_cross_entropy)
+                        soft_target_cross_entropy, init_vit_weights)
 from ..registry import DEFAULT_PRETRAINED_CFG, register_family, register_model
 
 CSA_KERNEL = 3   # CSA's neighbourhood is fixed at 3×3 ...
@@ -619,14 +619,8 @@ class LVT(ModelBase):
         # (CSA's ``attn`` Linear included); the patch-embed, sr and CSA convs and ``ds`` were set in
         # their modules; MLP convs keep PyTorch's default; cls_token trunc-normal(0.02).
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, Attention) and m.sr_ratio > 1:
+            init_vit_weights(m)
+            if isinstance(m, Attention) and m.sr_ratio > 1:
                 nn.init.normal_(m.sr.weight, 0.0, math.sqrt(2.0 / (m.sr_ratio ** 2 * m.dim)))
                 nn.init.zeros_(m.sr.bias)
         if hasattr(self, "cls_token"):
@@ -778,27 +772,15 @@ def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module) -> dict:
     """The authors' release (``lvt_imagenet.pth.tar``, a timm ``CheckpointSaver`` file) -> our keys.
 
     The file holds ``{"state_dict": ..., "optimizer": ..., "epoch": ..., "args": ...}`` (and
-    ``state_dict_ema`` with ``--model-ema``); its keys are the official ``lvt_cls`` names, which are
-    ours, possibly behind a ``module.`` prefix. A features-only model keeps only ``backbone.*``;
-    a ``with_cls_head=False`` backbone also drops the classifier (its ``downstream_norms`` are not
-    in the classification release and stay as initialised, as the official segmentation code).
+    ``state_dict_ema`` with ``--model-ema``), which ``stvit.load_checkpoint`` unwraps, with any
+    ``module.`` prefix, and a features-only model ignores the keys of what it lacks; the keys are the
+    official ``lvt_cls`` names, which are ours. What is left: a ``with_cls_head=False`` backbone also
+    drops the classifier (its ``downstream_norms`` are not in the classification release and stay as
+    initialised, as in the official segmentation code).
     """
-    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
-        if isinstance(state_dict.get(key), Mapping):
-            state_dict = state_dict[key]
-            break
-    out = {}
-    for name, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        for prefix in ("module.", "_orig_mod."):
-            name = name.removeprefix(prefix)
-        if getattr(model, "features_only", False) and not name.startswith("backbone."):
-            continue
-        if not getattr(model, "with_cls_head", True) and not name.startswith(("backbone.", "downstream_norms.")):
-            continue
-        out[name] = value
-    return out
+    if getattr(model, "with_cls_head", True):
+        return dict(state_dict)
+    return {k: v for k, v in state_dict.items() if k.startswith(("backbone.", "downstream_norms."))}
 
 
 # ---- registered variants ------------------------------------------------------------------------

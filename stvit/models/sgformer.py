@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..contract import DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices
+from ..contract import DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, init_vit_weights
 from ..registry import DEFAULT_PRETRAINED_CFG, register_family, register_model
 
 WINDOW = 7  # local-attention window side of the hybrid blocks; fixed in the authors' code
@@ -693,11 +693,8 @@ class SGFormer(ModelBase):
 def _init_weights(m: nn.Module) -> None:
     # As the authors: truncated-normal Linear weights (the f* merges too), zero biases; unit
     # LayerNorm / GroupNorm; convs N(0, 2 / fan_out) with fan_out = k·k·C_out / groups.
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+    init_vit_weights(m)
+    if isinstance(m, nn.GroupNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
     elif isinstance(m, nn.Conv2d):
@@ -721,19 +718,14 @@ def resample_pos_embed(pos_embed: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SGFormer) -> dict[str, torch.Tensor]:
-    """The authors' release (timm checkpoint saver; the loader unwraps ``state_dict`` /
-    ``state_dict_ema``) -> this model's state dict. Their keys are already ours; this strips a
-    DDP ``module.`` prefix, resamples ``pos_embed`` to another ``img_size``, and drops the head
-    for a ``features_only`` model."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith("module."):
-            key = key[len("module."):]
-        if key.startswith("head.") and getattr(model, "features_only", False):
-            continue
-        if key == "pos_embed" and hasattr(model, "pos_embed") and value.shape[1] != model.pos_embed.shape[1]:
-            value = resample_pos_embed(value, model.pos_embed.shape[1])
-        out[key] = value
+    """The authors' release (timm checkpoint saver; ``stvit.load_checkpoint`` unwraps ``state_dict`` /
+    ``state_dict_ema`` and ``module.`` prefixes, and a features-only model ignores the head) -> this
+    model's state dict. Their keys are already ours; what is left is resampling ``pos_embed`` to
+    another ``img_size``."""
+    out = dict(state_dict)
+    value = out.get("pos_embed")
+    if value is not None and hasattr(model, "pos_embed") and value.shape[1] != model.pos_embed.shape[1]:
+        out["pos_embed"] = resample_pos_embed(value, model.pos_embed.shape[1])
     return out
 
 

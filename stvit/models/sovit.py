@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..contract import DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, drop_path_rates
+from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, drop_path_rates,
+                        init_vit_weights)
 from ..registry import DEFAULT_PRETRAINED_CFG, register_family, register_model
 
 # ---- shared pieces: position table, ViT block, svPN ---------------------------------------------
@@ -422,7 +423,7 @@ class _SecondOrderViT(ModelBase):
             self.classifier = head()
             self.norm = norm_layer(embed_dim)
             self.feature_info = FeatureInfo(stride_info(i) for i in range(max(0, depth - 3), depth))
-        self.apply(_init_weights)
+        self.apply(init_vit_weights)  # as the authors; convs keep their own (Kaiming in CrossCovariance)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     # ---- input sizes --------------------------------------------------------------------------
@@ -514,7 +515,7 @@ class _SecondOrderViT(ModelBase):
         head.cls_fc = _linear(self.embed_dim, num_classes)
         head.visual_fc = _linear(head.pool_dim, num_classes)
         for fc in (head.cls_fc, head.visual_fc):
-            _init_weights(fc)
+            init_vit_weights(fc)
             fc.to(like.device, like.dtype)
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
 
@@ -539,18 +540,6 @@ class _SecondOrderViT(ModelBase):
                 "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
                 "classifier": ("classifier.cls_fc", "classifier.visual_fc"),
                 "first_conv": first_conv, "num_classes": self.num_classes}
-
-
-def _init_weights(m: nn.Module) -> None:
-    # As the authors: truncated-normal (std 0.02) linear layers with zero bias, unit LayerNorm;
-    # convolutions keep PyTorch's default (the covariance branches: Kaiming, set in CrossCovariance).
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 class SoViT(_SecondOrderViT):
@@ -780,15 +769,14 @@ def _vit_kwargs(vit: dict) -> dict:
 
 def sovit_checkpoint_filter(state_dict: dict, model: nn.Module) -> dict:
     """The authors' checkpoints (timm 0.3.4 ``CheckpointSaver`` files: ``state_dict`` /
-    ``state_dict_ema`` wrappers, unwrapped generically) as ours. Their keys are ours already; the
-    frozen ``pos_embed`` is a pure function of (tokens, width), so a missing or differently sized
-    one is replaced by the model's own table, and a features_only model drops the head's keys."""
+    ``state_dict_ema`` wrappers, unwrapped by ``stvit.load_checkpoint``, which also lets a
+    features_only model ignore the head's keys) as ours. Their keys are ours already; the frozen
+    ``pos_embed`` is a pure function of (tokens, width), so a missing or differently sized one is
+    replaced by the model's own table."""
     state = dict(state_dict)
     own = model.state_dict()
     if "pos_embed" in own and ("pos_embed" not in state or state["pos_embed"].shape != own["pos_embed"].shape):
         state["pos_embed"] = own["pos_embed"].detach().clone()
-    if getattr(model, "features_only", False):
-        state = {k: v for k, v in state.items() if not k.startswith(("classifier.", "norm."))}
     return state
 
 

@@ -34,7 +34,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..contract import DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, drop_path_rates
+from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, drop_path_rates,
+                        init_vit_weights)
 from ..registry import DEFAULT_PRETRAINED_CFG, register_family, register_model
 
 # Offsets of the 3×3 neighbourhood, row-major: slot k is (dy, dx) = (k // 3 - 1, k % 3 - 1).
@@ -480,7 +481,7 @@ class STViT(ModelBase):
             self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
             self.feature_info = FeatureInfo(_stage_info(embed_dim, depths, i) for i in range(S))
         self.pretrained_cfg = {**STVIT_CFG, "num_classes": num_classes if not features_only else 0}
-        self.apply(_init_weights)
+        self.apply(init_vit_weights)  # as the authors; convs keep PyTorch's default
 
     # ---- the model contract (stvit/contract.py) ---------------------------------------------
     def forward_stages(self, x: torch.Tensor, out_indices: Sequence[int] = (0, 1, 2, 3),
@@ -523,7 +524,7 @@ class STViT(ModelBase):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
-            _init_weights(self.head)
+            init_vit_weights(self.head)
             self.head.to(self.norm.weight.device, self.norm.weight.dtype)
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
 
@@ -589,17 +590,6 @@ def _stage_info(embed_dim, depths, i: int) -> dict:
 
 
 STVIT_CFG = {**DEFAULT_PRETRAINED_CFG, "first_conv": "patch_embed.proj.0"}
-
-
-def _init_weights(m: nn.Module) -> None:
-    # As the authors: truncated-normal linear layers, unit LayerNorm; convs keep PyTorch's default.
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # ---- the authors' release files and the registered variants (paper Table 8) -------------------------
