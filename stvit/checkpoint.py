@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .files import atomic_path
-from .registry import MODELS, family_of
+from .registry import MODELS, family_of, resolve_name
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 # Where training scripts put the weights: ours and DeiT's ("model", "model_ema"), timm's saver's.
@@ -41,8 +41,6 @@ class CheckpointError(ValueError):
     def command_line_message(self, model_flag: str) -> str:
         """The message for a command-line tool whose ``--model`` was ``model_flag``: its fix is
         a flag, not a Python call."""
-        from .registry import resolve_name
-
         text = str(self)
         try:
             same = self.matching_model is None or resolve_name(model_flag) == self.matching_model

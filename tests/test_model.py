@@ -105,3 +105,41 @@ def test_grad_checkpointing_gives_the_same_gradients_and_running_stats():
     # Recomputation in backward must not update BatchNorm running statistics a second time.
     torch.testing.assert_close(buffers[0], buffers[1], rtol=0, atol=0)
     assert stvit.create_model("large").default_checkpoint_num == [4, 7, 15, 0]
+
+
+def test_the_package_has_no_import_cycle():
+    """Every import inside stvit/ (top-level or inside a function) points one way: the registry and
+    the contract at the bottom, the families above them, create_model and the tools on top."""
+    import ast
+    from pathlib import Path
+
+    root = Path(stvit.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        module = ".".join(("stvit",) + path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        edges = graph.setdefault(module, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+                names = [f"{target}.{a.name}" for a in node.names]
+                edges.update(n for n in names + [target] if n != module)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stvit"):
+                edges.add(node.module)
+    graph = {m: {e for e in edges if e in graph and e != m} for m, edges in graph.items()}
+    # A package's __init__ may import its own submodules (that is what it is for); other cycles not.
+    for m in graph:
+        graph[m] = {e for e in graph[m] if not e.startswith(m + ".")}
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    cycles = sorted(m for m in graph if m in reach(m))
+    assert not cycles, f"import cycle through {cycles}"

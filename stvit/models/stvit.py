@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, drop_path_rates,
                         init_vit_weights)
+from ..optimize import fold_bn_conv, fold_conv_bn  # the generic BatchNorm algebra
 from ..registry import DEFAULT_PRETRAINED_CFG, register_family, register_model
 
 # Offsets of the 3×3 neighbourhood, row-major: slot k is (dy, dx) = (k // 3 - 1, k % 3 - 1).
@@ -558,8 +559,6 @@ class STViT(ModelBase):
         between, and folding forward into a padded 3×3 conv would turn its zero padding into the
         shift), nor the stem's last BN before the first block's padded depthwise conv.
         """
-        from ..optimize import fold_bn_conv, fold_conv_bn  # generic BatchNorm algebra
-
         if self.training:
             raise ValueError("prepare_inference needs an eval-mode model (call model.eval() first): a "
                              "training-mode BatchNorm normalises with batch statistics and cannot be folded")
