@@ -109,8 +109,8 @@ class Run:
         if heads:
             classes = state[heads[0]].shape[0]
             self.log(f"--finetune: {path} has a {classes}-class classifier and this dataset has "
-                     f"{self.cfg.num_classes} classes: {', '.join(heads)} are replaced by new, randomly "
-                     f"initialised weights; every other weight is loaded")
+                     f"{self.cfg.num_classes} classes: the classifier ({', '.join(heads)}) is replaced by a new, "
+                     f"randomly initialised one; every other weight is loaded")
             state.update({k: fresh[k] for k in heads})
         stvit.load_checkpoint(model, state)
         self.log(f"--finetune: loaded {path}")
