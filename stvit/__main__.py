@@ -31,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         args.input_size = model.pretrained_cfg["input_size"][-1]
     x = torch.randn(args.batch_size, model.in_chans, args.input_size, args.input_size)
     start = time.perf_counter()
-    with torch.no_grad():
+    try:
         model.check_input(x)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with torch.no_grad():
         out = model(x)
     elapsed = time.perf_counter() - start
     size = (model.in_chans, args.input_size, args.input_size)

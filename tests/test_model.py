@@ -143,3 +143,14 @@ def test_the_package_has_no_import_cycle():
 
     cycles = sorted(m for m in graph if m in reach(m))
     assert not cycles, f"import cycle through {cycles}"
+
+
+def test_python_m_stvit_summarises_any_model_and_refuses_a_size_clearly(capsys):
+    from stvit.__main__ import main
+
+    assert main(["--model", "sgformer_tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "sgformer_tiny" in out and "(1, 3, 56, 56)" in out and f"{stvit.count_params(stvit.create_model('sgformer_tiny')):,}" in out
+    assert main(["--model", "sgformer_tiny", "--input-size", "40"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "56" in err and "Traceback" not in err
