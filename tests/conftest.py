@@ -7,6 +7,13 @@ import torch
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 
 
+def golden_names(prefix: str, *shared: str) -> list[str]:
+    """A family's golden files (stems): the ones shared with the project, plus every other
+    ``<prefix>_*.pt`` beside them, so a new golden (a hidden one included) is tested without edits."""
+    found = {p.stem for p in GOLDEN.glob(f"{prefix}_*.pt")} if GOLDEN.is_dir() else set()
+    return sorted(set(shared) | found)
+
+
 def _under_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

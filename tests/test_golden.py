@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import stvit
+from conftest import golden_names
 
 RTOL, ATOL = 1e-7, 1e-9
 
@@ -12,7 +13,7 @@ def close(actual, expected, what):
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.fixture(scope="module", params=["tiny_a", "tiny_b"])
+@pytest.fixture(scope="module", params=golden_names("tiny", "tiny_a", "tiny_b"))
 def golden(request, golden_dir):
     record = torch.load(golden_dir / f"{request.param}.pt", weights_only=True)
     model = stvit.STViT(**record["config"], qkv_bias=True, drop_path_rate=0.0, init_values=1e-6).double()

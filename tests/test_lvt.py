@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import golden_names
 from stvit.checkpoint import load_checkpoint
 from stvit.contract import soft_target_cross_entropy
 from stvit.flops import count_macs, count_params
@@ -27,9 +28,9 @@ def close(actual, expected, what=""):
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.fixture(scope="module")
-def golden(golden_dir):
-    return torch.load(golden_dir / "lvt_a.pt", weights_only=True)
+@pytest.fixture(scope="module", params=golden_names("lvt", "lvt_a"))
+def golden(request, golden_dir):
+    return torch.load(golden_dir / f"{request.param}.pt", weights_only=True)
 
 
 @pytest.fixture(scope="module")

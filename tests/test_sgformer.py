@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,16 +18,15 @@ import torch
 from torch import nn
 
 import stvit.models.sgformer as sg
+from conftest import golden_names
 from stvit.checkpoint import load_checkpoint, read_checkpoint
 from stvit.contract import FeatureInfo
 from stvit.flops import count_macs
 from stvit.registry import DEFAULT_PRETRAINED_CFG, FAMILIES, MODELS
 
 RTOL, ATOL = 1e-7, 1e-9
-# Same location as conftest's golden_dir; listed at collection time so a new golden file (the
-# hidden one included) is picked up without editing this test.
-_GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-GOLDEN_FILES = sorted({"sgformer_a.pt", "sgformer_b.pt", *(p.name for p in _GOLDEN.glob("sgformer_*.pt"))})
+# Listed at collection time, so a new golden file (the hidden one included) is tested without edits.
+GOLDEN_FILES = [f"{name}.pt" for name in golden_names("sgformer", "sgformer_a", "sgformer_b")]
 VARIANTS = ("sgformer_s", "sgformer_m", "sgformer_b")
 
 

@@ -12,12 +12,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import stvit.models.sovit as sovit
+from conftest import golden_names
 from stvit.checkpoint import load_checkpoint
 from stvit.flops import count_macs, count_params
 from stvit.registry import FAMILIES, MODELS, family_of, model_entry, resolve_name
 
 RTOL, ATOL = 1e-7, 1e-9
-GOLDENS = ("sovit_a", "sovit_b", "sot_a", "sot_b")
+GOLDENS = golden_names("sovit", "sovit_a", "sovit_b") + golden_names("sot", "sot_a", "sot_b")
 OFFICIAL = ("So_vit_7", "So_vit_10", "So_vit_14", "So_vit_19", "SoT_Tiny", "SoT_Small", "SoT_Base")
 
 
