@@ -94,8 +94,19 @@ def _missing(name: str) -> bool:
         return True
 
 
+def authors_config(name: str) -> dict:
+    """The STViT keywords of registered model ``name``, for building the authors' twin; a clear error
+    for a model of another family (their code is STViT's)."""
+    from stvit.models.stvit import STVIT_CONFIGS
+
+    if name not in STVIT_CONFIGS:
+        raise AuthorsCodeError(f"the authors* modes time the authors' STViT code; {name} is not an STViT model: "
+                               f"drop it or the authors* modes")
+    return STVIT_CONFIGS[name]
+
+
 def build_authors_model(module: types.ModuleType, config: dict) -> nn.Module:
-    """Their STViT with the same architecture keywords as ours (``stvit.model_config(name)``)."""
+    """Their STViT with the same architecture keywords as ours (``authors_config(name)``)."""
     keys = ("in_chans", "num_classes", "embed_dim", "depths", "num_heads", "n_iter", "stoken_size",
             "mlp_ratio", "qkv_bias", "qk_scale", "drop_rate", "attn_drop_rate", "drop_path_rate",
             "projection", "layerscale", "init_values")

@@ -42,6 +42,7 @@ import stvit
 from stvit import precision
 from stvit.optimize import optimize
 
+from .authors import authors_config, load_authors_twin
 from .common import (MEMORY_METHOD, BenchError, format_table, machine_info, matmul_peak_flops, mib, peak_memory,
                      pick_device, summarize, synchronize, write_json)
 
@@ -87,11 +88,10 @@ def run(args: argparse.Namespace) -> dict:
                          "(a checkout of github.com/hhb072/STViT)")
     batch_sizes = args.batch_sizes or ([256] if device.type == "cuda" else [8])
     names = [stvit.resolve_name(n) for n in args.models]
-    if any(m.startswith("authors") for m in modes):
-        others = [n for n in names if stvit.model_entry(n).family != "stvit"]
-        if others:
-            raise BenchError(f"the authors* modes time the authors' STViT code; {', '.join(others)} "
-                             f"{'is' if len(others) == 1 else 'are'} not STViT: drop them or the authors* modes")
+    authors = any(m.startswith("authors") for m in modes)
+    if authors:
+        for name in names:
+            authors_config(name)  # before anything runs: their code is STViT's
     peaks = {torch.float32: matmul_peak_flops(device, torch.float32)}
     bf16_peak = BF16_MODES & set(modes) and precision.native_bf16(device)
     if bf16_peak:
@@ -106,11 +106,8 @@ def run(args: argparse.Namespace) -> dict:
         ours = stvit.create_model(canonical).to(device).eval()
         size = args.size or ours.pretrained_cfg["input_size"][-1]
         theirs = None
-        if any(m.startswith("authors") for m in modes):
-            from stvit.models.stvit import STVIT_CONFIGS
-
-            from .authors import load_authors_twin
-            theirs = load_authors_twin(args.authors_code, ours, STVIT_CONFIGS[canonical]).to(device).eval()
+        if authors:
+            theirs = load_authors_twin(args.authors_code, ours, authors_config(canonical)).to(device).eval()
         flops_per_image = 2 * stvit.count_macs(ours, (ours.in_chans, size, size))
         for batch in batch_sizes:
             x = torch.randn(batch, ours.in_chans, size, size, device=device)

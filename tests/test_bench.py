@@ -100,6 +100,14 @@ def test_throughput_json_fields(tmp_path):
 def test_throughput_authors_modes_need_the_code():
     with pytest.raises(SystemExit, match="--authors-code"):
         cli.main(["throughput", "--default-allocator", "--models", "tiny", "--modes", "authors"])
+    with pytest.raises(SystemExit, match="sgformer_tiny is not an STViT model"):
+        cli.main(["throughput", "--default-allocator", "--models", "tiny", "sgformer_tiny", "--modes", "authors",
+                  "--authors-code", "/nonexistent/stvit.py"])
+
+
+def test_stvit_only_benchmarks_say_so():
+    with pytest.raises(SystemExit, match="only STViT models have; sgformer_s is a sgformer model"):
+        cli.main(["scaling", "--default-allocator", "--model", "sgformer_s"])
 
 
 @needs_authors

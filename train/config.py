@@ -125,7 +125,7 @@ class TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train",
-        description="Train or evaluate STViT. With no arguments: a few-minute CPU demo (stvit_tiny on a "
+        description="Train or evaluate a model of the zoo (STViT, SG-Former, So-ViT/SoT, LVT). With no arguments: a few-minute CPU demo (stvit_tiny on a "
                     "built-in synthetic dataset). ImageNet: torchrun --nproc_per_node 8 -m train --model "
                     "large --data-path /imagenet. Options left out take the values of the preset "
                     "(paper / finetune / demo); the resolved configuration is printed and saved.")
