@@ -31,6 +31,17 @@ def golden_dir() -> Path:
     return GOLDEN
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module that trains in-process: idle OpenMP threads spin (the CLI sets
+    OMP_WAIT_POLICY=PASSIVE, too late for a pytest process), which slows small steps down many times
+    on a busy machine. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _fixed_seed():
     torch.manual_seed(0)

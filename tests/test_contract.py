@@ -49,12 +49,7 @@ def sizes(model) -> list[tuple[int, int]]:
     return [(h, w), (h - 1, w)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_family_is_registered_with_provenance():

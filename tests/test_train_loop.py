@@ -61,14 +61,7 @@ def param_names() -> list[str]:
     return [name for name, _ in stvit.create_model("tiny", num_classes=4).named_parameters()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process runs use one thread: idle OpenMP threads spin (the CLI sets OMP_WAIT_POLICY=PASSIVE,
-    too late for a pytest process), which slows small steps down many times on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
