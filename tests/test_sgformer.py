@@ -30,13 +30,7 @@ GOLDEN_FILES = [f"{name}.pt" for name in golden_names("sgformer", "sgformer_a", 
 VARIANTS = ("sgformer_s", "sgformer_m", "sgformer_b")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI box shares 2 cores; a second intra-op thread makes these small ops many times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: a second intra-op thread only slows them
 
 
 def close(actual, expected, what: str) -> None:
