@@ -262,3 +262,12 @@ def test_lvt_trains_with_mixtoken_through_the_real_loop(data, tmp_path, monkeypa
     boxes.clear()
     assert train_main(args + ["--output-dir", str(tmp_path / "b")]) == 0
     assert [b for b in boxes if b is not None] == first  # seeded: the same boxes again
+
+
+def test_a_training_size_the_model_cannot_take_stops_before_training(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train_main(["--model", "sgformer_tiny", "--data-path", str(data), "--preset", "demo", "--input-size", "40",
+                       "--batch-size", "4", "--num-workers", "0", "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: --input-size 40 does not fit sgformer_tiny") and "56" in err
+    assert not (out / "metrics.jsonl").exists()

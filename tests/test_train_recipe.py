@@ -145,3 +145,11 @@ def test_every_registered_recipe_reaches_the_config(name):
     for key, value in entry.demo.items():
         assert (demo.base_lr if key == "lr" else getattr(demo, key)) == value, (name, key)
     assert parse_config(["--model", name, "--data-path", "/x", "--lr", "3e-4"]).base_lr == 3e-4
+
+
+def test_a_fixed_size_model_demos_at_its_own_size():
+    """The demo preset's 32² is STViT's; a fixed-size model without a registered demo size runs at its own."""
+    assert stvit.model_entry("sgformer_s").demo.get("input_size") is None
+    assert parse_config(["--model", "sgformer_s"]).input_size == 224
+    assert parse_config(["--model", "lvt_cls"]).input_size == 32  # LVT takes any size
+    assert parse_config(["--model", "sgformer_s", "--input-size", "448"]).input_size == 448  # a flag still wins

@@ -20,6 +20,8 @@ import json
 from pathlib import Path
 from dataclasses import dataclass, field
 
+import torch
+
 import stvit
 from stvit import precision
 
@@ -325,6 +327,11 @@ def model_recipe(entry, preset_name: str) -> dict:
     changes = dict(entry.recipe) if preset_name == "paper" else {}
     if preset_name == "demo":
         changes.update(entry.demo)
+        if "input_size" not in changes:  # a fixed-size model's demo runs at its own size
+            with torch.device("meta"):  # only its pretrained_cfg is read: no memory, no init
+                cfg = entry.builder().pretrained_cfg
+            if cfg.get("fixed_input_size"):
+                changes["input_size"] = cfg["input_size"][-1]
     if "drop_path" in entry.recipe and preset_name != "demo":
         changes["drop_path"] = entry.recipe["drop_path"]
     unknown = set(changes) - known

@@ -91,6 +91,10 @@ class Run:
         torch.manual_seed(cfg.seed)  # the same initial weights on every process, whatever the world size
         model = stvit.create_model(cfg.model, num_classes=cfg.num_classes, drop_path_rate=cfg.drop_path,
                                    drop_rate=cfg.drop)
+        try:  # a size the model cannot take (a fixed-size family): the model's message, before any work
+            model.check_input(torch.empty(1, model.in_chans, cfg.input_size, cfg.input_size, device="meta"))
+        except ValueError as e:
+            raise ConfigError(f"--input-size {cfg.input_size} does not fit {cfg.model}: {e}") from None
         if cfg.finetune:
             self.load_finetune_weights(model, cfg.finetune)
         if cfg.eval_only and cfg.checkpoint:
