@@ -153,3 +153,9 @@ def test_a_fixed_size_model_demos_at_its_own_size():
     assert parse_config(["--model", "sgformer_s"]).input_size == 224
     assert parse_config(["--model", "lvt_cls"]).input_size == 32  # LVT takes any size
     assert parse_config(["--model", "sgformer_s", "--input-size", "448"]).input_size == 448  # a flag still wins
+
+
+def test_token_labelling_is_refused_with_what_the_run_does_instead():
+    with pytest.raises(ConfigError, match="NFNet-F6 label maps, which are not available offline") as e:
+        parse_config(["--model", "lvt_cls", "--data-path", "/x", "--token-label", "/labels"])
+    assert "every token on its image's label" in str(e.value)

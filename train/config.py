@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "blocks per stage; other models: all blocks)")
     g.add_argument("--log-every", type=int, default=None, help="print progress every N steps")
     g = p.add_argument_group("test hooks (for the test suite)")
+    g.add_argument("--token-label", metavar="DIR", default=None,
+                   help="not supported (an error that says why): VOLO/LVT's dense token labelling needs the "
+                   "authors' precomputed NFNet label maps")
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps (the schedule still spans --epochs)")
     g.add_argument("--fault", default=None, help="inject a failure: kill@STEP (SIGKILL after that step), "
@@ -386,8 +389,17 @@ def parse_fault(fault: str | None) -> tuple[str, int] | None:
 RESUME_MODES = ("auto", "never")
 
 
+TOKEN_LABEL_UNSUPPORTED = (
+    "--token-label: dense token labelling (VOLO's, which LVT's recipe uses) needs the authors' precomputed "
+    "NFNet-F6 label maps, which are not available offline, and stvit does not read them. Without them a model "
+    "with an auxiliary token head (LVT) trains every token on its image's label, with weight 0.5 beside the "
+    "class-token loss (MixToken still mixes the tokens); drop --token-label to train that way")
+
+
 def parse_config(argv: list[str] | None = None, world_size: int = 1) -> TrainConfig:
     args = build_parser().parse_args(argv)
+    if args.token_label is not None:
+        raise ConfigError(TOKEN_LABEL_UNSUPPORTED)
     mode = args.resume if args.resume in RESUME_MODES else None
     if mode is not None:  # not a folder: nothing to inherit options from
         args.resume = None
