@@ -178,7 +178,13 @@ def test_killed_run_resumes_to_the_same_result(data, reference, tmp_path):
 
 
 def test_resume_ignores_a_checkpoint_that_was_being_written(tmp_path):
-    from train.checkpoint import find_checkpoint
+    from train.checkpoint import select_checkpoint
+    from train.distributed import DistEnv
+
+    def find_checkpoint(folder):  # one process; the skipped folders are warned about
+        return select_checkpoint(folder, DistEnv(), warnings.append)
+
+    warnings: list[str] = []
     good = tmp_path / "ckpt-00000004"
     good.mkdir()
     (good / ".metadata").write_bytes(b"x")
@@ -192,6 +198,7 @@ def test_resume_ignores_a_checkpoint_that_was_being_written(tmp_path):
     unfinished = tmp_path / "ckpt-00000008"
     unfinished.mkdir()
     assert find_checkpoint(tmp_path) == good
+    assert any("ckpt-00000008" in w for w in warnings)
 
 
 def test_grad_checkpointing_saves_memory_not_results(data, tmp_path):

@@ -301,28 +301,6 @@ def _is_checkpoint_folder(path: Path) -> bool:
     return (path / ".metadata").is_file() or (path / MANIFEST).is_file()
 
 
-def _no_checkpoint(path: Path) -> ResumeError:
-    return ResumeError(f"--resume {path}: no complete checkpoint in this folder (expected {path}/{LATEST} "
-                       f"and {path}/{PREFIX}<step>/ written by a run with --output-dir {path})")
-
-
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint folder to resume from: ``path`` itself, or the newest intact one inside it
-    (one process; :func:`select_checkpoint` is the collective version that reports what it skips)."""
-    path = Path(path)
-    if not path.exists():
-        raise ResumeError(f"--resume {path}: no such folder; give the --output-dir of an earlier run")
-    if _is_checkpoint_folder(path):
-        problem = verify(path)
-        if problem:
-            raise ResumeError(f"--resume {path}: {problem}")
-        return path
-    for candidate in candidates(path):
-        if verify(candidate) is None:
-            return candidate
-    raise _no_checkpoint(path)
-
-
 def select_checkpoint(path: str | os.PathLike, env, warn) -> Path:
     """Collective: the newest intact checkpoint in ``path`` (or ``path`` itself, a checkpoint folder).
 
@@ -346,7 +324,8 @@ def select_checkpoint(path: str | os.PathLike, env, warn) -> Path:
     if listing == [str(path)]:
         raise ResumeError(f"--resume {path}: this checkpoint is damaged; give its run folder to fall back to an "
                           f"earlier one")
-    raise _no_checkpoint(path)
+    raise ResumeError(f"--resume {path}: no complete checkpoint in this folder (expected {path}/{LATEST} "
+                      f"and {path}/{PREFIX}<step>/ written by a run with --output-dir {path})")
 
 
 def read_train_state(ckpt: Path) -> dict:

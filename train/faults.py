@@ -18,6 +18,7 @@ Checkpoint validation (manifest and checksums) and failed writes are the checkpo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -127,7 +128,6 @@ def _norm(value):
 
 
 def _saved_config(out: Path) -> dict | None:
-    import json
     for source in [out / "config.json"] + [c / checkpoint.STATE_FILE for c in checkpoint.candidates(out)]:
         try:
             saved = json.loads(source.read_text())

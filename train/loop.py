@@ -32,8 +32,6 @@ EPOCH_SUMS = ("loss_sum", "images", "skipped", "train_time")
 class Run:
     """State and helpers of one training or evaluation run (one per process)."""
 
-    stop_signals: faults.StopSignals | None = None  # set while training: SIGTERM / SIGUSR1 stop after a step
-
     def __init__(self, cfg: TrainConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
         # Filled in by the build_* steps, in this order (all exist from the start, for readers).
@@ -47,6 +45,7 @@ class Run:
         self.ema: WeightEMA | None = None
         self.schedule = self.mixup = None
         self.state: dict = {}
+        self.stop_signals: faults.StopSignals | None = None  # while training: SIGTERM / SIGUSR1 stop after a step
 
     def log(self, message: str) -> None:
         if self.env.is_main:
