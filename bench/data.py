@@ -2,12 +2,16 @@
 
 Pipelines (``--pipelines``), each through the real ``train.data.ImageFolder`` (JPEG decode included):
 
-=========  ====================================================================================
-paper      RandomResizedCrop 224 bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, normalise,
-           Random Erasing 0.25 (pixel) — the ImageNet recipe, on ImageNet-like JPEGs
-demo       the demo preset: crop 32 (scale 0.5–1), flip, normalise — on the built-in demo set
-eval       resize to cover 256, centre crop 224, normalise — on the ImageNet-like JPEGs
-=========  ====================================================================================
+===========  ==================================================================================
+paper        RandomResizedCrop 224 bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, normalise,
+             Random Erasing 0.25 (pixel) — the ImageNet recipe, on ImageNet-like JPEGs, all in
+             the worker (what ``python -m train`` does on a CPU)
+paper-defer  the same recipe split as ``python -m train`` runs it on a GPU: the worker decodes,
+             crops and resizes and draws the rest; flip, RandAugment, normalisation and erasing
+             run batched in the device stage, timed separately on ``--device``
+demo         the demo preset: crop 32 (scale 0.5–1), flip, normalise — on the built-in demo set
+eval         resize to cover 256, centre crop 224, normalise — on the ImageNet-like JPEGs
+===========  ==================================================================================
 
 ``decode`` (``ImageFolder.load_rgb``: open, decode, RGB) is timed beside them on the same files.
 With ``--baseline`` each pipeline also runs as today's step-by-step reference
@@ -41,9 +45,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from .common import BenchError, format_table, machine_info, write_json
+from .common import BenchError, format_table, machine_info, pick_device, synchronize, write_json
 
-PIPELINES = ("paper", "demo", "eval")
+PIPELINES = ("paper", "paper-defer", "demo", "eval")
 GENERATOR_VERSION = 1
 JPEG_QUALITY = 90
 
@@ -171,6 +175,36 @@ def _loader_rate(dataset, indices: list[int], workers: int, batch_size: int, see
                 images=total)
 
 
+def _device_stage_rate(dataset, indices: list[int], batch_size: int, rounds: int, device: torch.device) -> dict:
+    """Images per second of a deferring pipeline's device stage (flip, RandAugment, normalise, erase) on
+    collated batches already in memory: wall clock (synchronised on a GPU) and, on the CPU, process CPU
+    time per image (all the process's threads)."""
+    from train.data import collate_skip_corrupt
+
+    batches = []
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        batches.append(collate_skip_corrupt([dataset[(i, 7 + i)] for i in chunk])[0])
+    stage = dataset.transform.device_stage
+    sync = lambda: synchronize(device)  # noqa: E731
+    for batch in batches[:2]:  # warm-up: allocator, kernels
+        stage(batch, device)
+    sync()
+    wall, cpu = [], []
+    for _ in range(rounds):
+        c0, w0 = time.process_time(), time.perf_counter()
+        for batch in batches:
+            stage(batch, device)
+        sync()
+        wall.append(len(indices) / (time.perf_counter() - w0))
+        cpu.append(len(indices) / max(time.process_time() - c0, 1e-9))
+    out = dict(device=device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
+               wall_img_s=statistics.median(wall), threads=torch.get_num_threads())
+    if device.type == "cpu":
+        out["cpu_img_s"] = statistics.median(cpu)
+    return out
+
+
 # ---- the command ---------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> dict:
@@ -186,6 +220,8 @@ def run(args: argparse.Namespace) -> dict:
     size = args.input_size
     builders = {
         "paper": lambda fast: ImageFolder(train_dir, build_train_transform(size, fast=fast)),
+        "paper-defer": lambda fast: ImageFolder(train_dir, build_train_transform(
+            size, fast=fast, defer=fast)),
         "eval": lambda fast: ImageFolder(eval_dir, build_eval_transform(size, fast=fast)),
         "demo": lambda fast: ImageFolder(_demo_dir(), build_train_transform(
             32, aa="none", reprob=0.0, scale=(0.5, 1.0), fast=fast)),
@@ -194,7 +230,7 @@ def run(args: argparse.Namespace) -> dict:
     decode_sets: dict[str, ImageFolder] = {}
     for name in args.pipelines:
         datasets[name] = builders[name](True)
-        if args.baseline:
+        if args.baseline and not (name == "paper-defer" and "paper" in args.pipelines):
             datasets[f"{name} (today)"] = builders[name](False)
         source = "demo" if name == "demo" else ("imagenet-like" if args.data_path is None else "data")
         if name == "eval" and eval_dir != train_dir:
@@ -216,6 +252,14 @@ def run(args: argparse.Namespace) -> dict:
           f"{args.images} ImageNet-like / {n_demo} demo images per round ...", flush=True)
     per_core = _per_core(variants, args.rounds)
 
+    stage = None
+    if "paper-defer" in datasets:
+        device = pick_device(args.device)  # the common --device: where the device stage is timed
+        torch.set_num_threads(threads)  # the device stage runs in the training process
+        stage = _device_stage_rate(datasets["paper-defer"], _subset(datasets["paper-defer"], args.images),
+                                   args.batch_size, args.rounds, device)
+        torch.set_num_threads(1)
+
     loaders = []
     for workers in args.workers:
         for r in range(2):  # two interleaved passes per worker count
@@ -229,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
     for name in variants:
         pc = per_core[name]
         row = dict(pipeline=name, cpu_img_s=pc["cpu_img_s"], wall_img_s=pc["wall_img_s"])
-        base = per_core.get(f"{name} (today)")
+        base = per_core.get(f"{name} (today)") or per_core.get(f"{name.split('-')[0]} (today)")
         if base:
             row["speedup"] = pc["cpu_img_s"] / base["cpu_img_s"]
             ratios = [a / b for a, b in zip(pc["cpu_img_s_runs"], base["cpu_img_s_runs"])]
@@ -241,6 +285,9 @@ def run(args: argparse.Namespace) -> dict:
                 cpu_rates = [x["worker_cpu_img_s"] for x in passes if x["worker_cpu_img_s"]]
                 row[f"w{workers}_cpu_img_s"] = statistics.median(cpu_rates) if cpu_rates else None
         rows.append(row)
+    if stage:
+        rows.append(dict(pipeline=f"paper-defer device stage on {stage['device']} (batch {args.batch_size})",
+                         cpu_img_s=stage.get("cpu_img_s"), wall_img_s=stage["wall_img_s"]))
 
     columns = [("pipeline", "pipeline"), ("cpu_img_s", "img/s per core (CPU time)"),
                ("wall_img_s", "img/s per core (wall)"), ("speedup", "× today")]
@@ -253,7 +300,7 @@ def run(args: argparse.Namespace) -> dict:
     print(format_table(rows, columns))
     result = dict(command="data", machine=info, data=dict(train=str(train_dir), eval=str(eval_dir)),
                   args={k: v for k, v in vars(args).items() if k != "func"}, rows=rows,
-                  per_core=per_core, loaders=loaders)
+                  per_core=per_core, loaders=loaders, device_stage=stage)
     if args.json:
         write_json(args.json, result)
     return result

@@ -76,8 +76,9 @@ class Recorder(random.Random):
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(interpolation="random"), dict(reprob=1.0, recount=2),
                                     dict(aa="rand-m9-mstd0.5-inc1-n3-p0.9", hflip=0.3)])
-def test_fused_pipeline_makes_the_same_draws_as_the_reference(photo_jpeg, kwargs):
-    fused = build_train_transform(64, **kwargs)
+@pytest.mark.parametrize("defer", [False, True], ids=["fused", "deferred"])
+def test_fused_pipeline_makes_the_same_draws_as_the_reference(photo_jpeg, kwargs, defer):
+    fused = build_train_transform(64, defer=defer, **kwargs)
     reference = build_train_transform(64, fast=False, **kwargs)
     assert isinstance(fused, TrainPipeline) and type(reference) is Compose
     for seed in range(40):
@@ -317,6 +318,11 @@ def test_bench_data_runs_and_writes_json(tmp_path, monkeypatch):
     assert any(name.startswith("decode") for name in names)
     paper = next(row for row in result["rows"] if row["pipeline"] == "paper")
     assert paper["cpu_img_s"] > 0 and paper["speedup"] > 0 and paper["w0_img_s"] > 0
+    # the split pipeline: the workers' share against today's pipeline, and the device stage beside it
+    deferred = next(row for row in result["rows"] if row["pipeline"] == "paper-defer")
+    assert deferred["cpu_img_s"] > 0 and deferred["speedup"] > 0 and deferred["w0_img_s"] > 0
+    assert result["device_stage"]["device"] == "cpu" and result["device_stage"]["wall_img_s"] > 0
+    assert any(name.startswith("paper-defer device stage") for name in names)
 
 
 def _tiny_demo(root):

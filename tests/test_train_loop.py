@@ -217,6 +217,23 @@ def test_grad_checkpointing_saves_memory_not_results(data, tmp_path):
         torch.testing.assert_close(runs[True][name], runs[False][name], msg=name)
 
 
+def test_augmenting_on_the_device_trains_exactly_like_the_workers(data, tmp_path):
+    # --augment-on device (the GPU default): the workers stop after the resize and the uint8 batch is
+    # flipped, RandAugmented and normalised by train.batch_augment with Pillow's arithmetic. Without
+    # Random Erasing (whose noise comes from the device's generator) the run is the same, bit for bit.
+    runs = {}
+    for where in ("workers", "device"):
+        out = tmp_path / where
+        assert main(FAST + ["--preset", "paper", "--data-path", str(data), "--epochs", "1", "--warmup-epochs", "0",
+                            "--lr", "0.5", "--batch-size", "8", "--reprob", "0", "--aa", "rand-m9-mstd0.5-inc1-p1",
+                            "--augment-on", where, "--output-dir", str(out)]) == 0
+        runs[where] = (final_weights(out), metrics(out))
+    for name in param_names():
+        assert torch.equal(runs["device"][0][name], runs["workers"][0][name]), name
+    assert [m["train_loss"] for m in runs["device"][1]] == [m["train_loss"] for m in runs["workers"][1]]
+    assert runs["device"][1][-1]["val_acc1"] == runs["workers"][1][-1]["val_acc1"]
+
+
 def test_demo_learns_in_a_shortened_run(tmp_path, monkeypatch, capsys):
     """``python -m train`` as is, but 2 of the demo's epochs: built-in data, real JPEG pipeline."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a fresh machine: no dataset yet

@@ -53,6 +53,21 @@ def _rotate(img, degrees, fill, resample):
     return img.rotate(degrees, resample=resample, fillcolor=fill)
 
 
+def rotate_coeffs(degrees: float, size: tuple[int, int]) -> tuple[float, ...] | None:
+    """The inverse affine map Pillow's ``img.rotate(degrees)`` samples with (about the image
+    centre, same size), term for term as ``Image.rotate`` builds it; None where Pillow does not
+    resample at all (0, 180, and 90/270 on a square image: an exact copy or transpose)."""
+    angle = degrees % 360.0
+    width, height = size
+    if angle in (0.0, 180.0) or (angle in (90.0, 270.0) and width == height):
+        return None
+    cx, cy = width / 2, height / 2
+    rad = -math.radians(angle)
+    a, b, d, e = (round(math.cos(rad), 15), round(math.sin(rad), 15), round(-math.sin(rad), 15),
+                  round(math.cos(rad), 15))
+    return (a, b, a * -cx + b * -cy + 0.0 + cx, d, e, d * -cx + e * -cy + 0.0 + cy)
+
+
 def _posterize(img, bits, _fill, _resample):
     if bits >= 8:
         return img
@@ -78,19 +93,27 @@ def _enhancer(cls) -> Callable:
     return op
 
 
-def _affine(coeffs_fn) -> Callable:
+# Pillow's AFFINE coefficients (a, b, c, d, e, f): output pixel (x, y) samples the input at
+# (a x + b y + c, d x + e y + f). Shared with the batched ops (train.batch_augment).
+AFFINE_COEFFS: dict[str, Callable[[float, tuple[int, int]], tuple[float, ...]]] = {
+    "ShearX": lambda f, size: (1, f, 0, 0, 1, 0),
+    "ShearY": lambda f, size: (1, 0, 0, f, 1, 0),
+    "TranslateXRel": lambda pct, size: (1, 0, pct * size[0], 0, 1, 0),
+    "TranslateYRel": lambda pct, size: (1, 0, 0, 0, 1, pct * size[1]),
+}
+
+
+def _affine(name: str) -> Callable:
     def op(img, value, fill, resample):
-        coeffs = coeffs_fn(value, img.size)
+        coeffs = AFFINE_COEFFS[name](value, img.size)
         return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=resample,
                              fillcolor=fill)
 
     return op
 
 
-_shear_x = _affine(lambda f, size: (1, f, 0, 0, 1, 0))
-_shear_y = _affine(lambda f, size: (1, 0, 0, f, 1, 0))
-_translate_x_rel = _affine(lambda pct, size: (1, 0, pct * size[0], 0, 1, 0))
-_translate_y_rel = _affine(lambda pct, size: (1, 0, 0, 0, 1, pct * size[1]))
+_shear_x, _shear_y = _affine("ShearX"), _affine("ShearY")
+_translate_x_rel, _translate_y_rel = _affine("TranslateXRel"), _affine("TranslateYRel")
 
 # ---------------------------------------------------------------------------------------------
 # Magnitude (0..10) -> op parameter. `negate` is a fair coin so signed ops go both ways.
@@ -449,6 +472,31 @@ class RandomErasing:
             else:
                 value = 0.0
             array[:, top:top + h, left:left + w] = value
+
+    def erase_batch_(self, batch: torch.Tensor, boxes: list, seeds: list) -> torch.Tensor:
+        """Erase in place in a (B, C, H, W) batch on any device: image ``i`` gets ``boxes[i]``
+        (from :meth:`sample_boxes`), filled from the device's generator seeded with ``seeds[i]``
+        (the seed the worker drew). Same boxes and statistics as :meth:`erase_`; the noise
+        values come from torch's generator instead of NumPy's."""
+        generator = None
+        for i, (image_boxes, seed) in enumerate(zip(boxes, seeds)):
+            if not image_boxes:
+                continue
+            if generator is None:
+                generator = torch.Generator(device=batch.device)
+            generator.manual_seed(seed)
+            for top, left, h, w in image_boxes:
+                region = batch[i, :, top:top + h, left:left + w]
+                if self.mode == "pixel":
+                    region.copy_(torch.randn(region.shape, generator=generator,
+                                             device=batch.device, dtype=batch.dtype))
+                elif self.mode == "rand":
+                    region.copy_(torch.randn((region.shape[0], 1, 1), generator=generator,
+                                             device=batch.device, dtype=batch.dtype)
+                                 .expand_as(region))
+                else:
+                    region.zero_()
+        return batch
 
     def __repr__(self) -> str:
         return (f"RandomErasing(prob={self.prob}, mode={self.mode!r}, area={self.area}, "

@@ -101,6 +101,7 @@ class TrainConfig:
     model_ema: bool = False
     model_ema_decay: float = 0.99996
     num_workers: int = 10
+    augment_on: str = "auto"  # where RandAugment/normalise/erasing run: auto, device or workers
     seed: int = 0
     resume: str | None = None  # None: auto (continue the run in output_dir if any); "never"; or a folder
     eval_only: bool = False
@@ -182,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-ema-decay", type=float, default=None, help="default 0.99996 (the authors')")
     g = p.add_argument_group("runs, checkpoints, evaluation")
     g.add_argument("--num-workers", type=int, default=None, help="data loader processes per training process")
+    g.add_argument("--augment-on", choices=AUGMENT_ON, default="auto",
+                   help="where flip, RandAugment, normalisation and Random Erasing run: device (the workers "
+                   "decode, crop and resize, and the uint8 batch is finished on the GPU; same draws, Pillow's "
+                   "arithmetic), workers (all in the data loader processes), auto (default): device on a GPU, "
+                   "workers on a CPU"),
     g.add_argument("--seed", type=int, default=None, help="default 0")
     g.add_argument("--resume", default=None, metavar="auto|never|DIR",
                    help="auto (default): continue the run in --output-dir if it holds a checkpoint of the same "
@@ -245,6 +251,16 @@ def _output_dir(args: argparse.Namespace, default: str) -> str:
         n += 1
         candidate = Path(f"{default}-{n}")
     return str(candidate)
+
+
+AUGMENT_ON = ("auto", "device", "workers")
+
+
+def augment_on_device(choice: str, device: torch.device) -> bool:
+    """Whether the batch augmentation runs on the training device (``--augment-on``). Batched on
+    a GPU it is nearly free; on a CPU the Pillow ops in the workers are faster, so auto keeps
+    them there."""
+    return choice == "device" or (choice == "auto" and device.type == "cuda")
 
 
 # Options a resumed run takes from its saved config.json unless given again (test hooks and the
@@ -313,7 +329,7 @@ def resolve_config(args: argparse.Namespace, world_size: int = 1) -> TrainConfig
         seed=args.seed, resume=args.resume, eval_only=args.eval_only, checkpoint=args.checkpoint,
         finetune=args.finetune, ckpt_every=args.ckpt_every, compile=args.compile,
         grad_checkpoint=args.grad_checkpoint, precision=args.precision, max_steps=args.max_steps,
-        fault=args.fault,
+        fault=args.fault, augment_on=args.augment_on,
         log_every=args.log_every or (10 if preset_name == "demo" else 50),
         demo_dataset=dict(DEMO_DATASET) if not args.data_path else {}, **values)
     cfg.lr = cfg.base_lr * global_batch / REFERENCE_BATCH

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from train.batch_augment import DeferredBatch, DeferredSample
 from train.transforms import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TrainPipeline,
                               build_eval_transform, build_train_transform)
 
@@ -135,15 +136,20 @@ def _to_rgb_copy(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # the reference decode: convert() decodes and copies
 
 
-def collate_skip_corrupt(batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+def collate_skip_corrupt(batch) -> tuple[torch.Tensor | DeferredBatch, torch.Tensor, int]:
     """Stack ``(tensor, target)`` items, dropping ``None`` (unreadable) ones.
 
     Returns ``(images (B, C, H, W), targets (B,) int64, n_skipped)``; when every item was
-    unreadable, images and targets are empty (B = 0) and the loop should skip the step."""
+    unreadable, images and targets are empty (B = 0) and the loop should skip the step. Items
+    from a deferring pipeline (``DeferredSample``) become one ``DeferredBatch``, which the
+    pipeline's ``device_stage`` finishes on the device."""
     kept = [item for item in batch if item is not None]
     n_skipped = len(batch) - len(kept)
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long), n_skipped
+    if isinstance(kept[0][0], DeferredSample):
+        targets = torch.tensor([target for _, target in kept], dtype=torch.long)
+        return DeferredBatch.stack([image for image, _ in kept]), targets, n_skipped
     if not isinstance(kept[0][0], torch.Tensor):
         raise TypeError(f"collate_skip_corrupt needs tensors; the dataset returned "
                         f"{type(kept[0][0]).__name__} (give ImageFolder a transform)")
@@ -171,10 +177,12 @@ def build_datasets(data_path: str | os.PathLike, input_size,
                    interpolation: str = "bicubic", crop_pct: float = 0.875,
                    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                    std: Sequence[float] = IMAGENET_DEFAULT_STD, hflip: float = 0.5,
-                   scale: tuple[float, float] = (0.08, 1.0)) -> tuple[ImageFolder, ImageFolder]:
+                   scale: tuple[float, float] = (0.08, 1.0),
+                   defer: bool = False) -> tuple[ImageFolder, ImageFolder]:
     """Train and val datasets from the ImageNet layout ``data_path/{train,val}/<class>/<images>``
     with DeiT's train and eval transforms. Raises :class:`DataError` on a wrong layout or when
-    val's classes differ from train's."""
+    val's classes differ from train's. ``defer=True``: the workers hand over uint8 images and
+    each dataset's ``transform.device_stage`` finishes the batches on the device."""
     root = Path(data_path)
     layout = (f"expected the ImageNet layout {root}/train/<class>/<images> and "
               f"{root}/val/<class>/<images> (val images sorted into the same class folders)")
@@ -185,9 +193,10 @@ def build_datasets(data_path: str | os.PathLike, input_size,
             raise DataError(f"data path {root} has no '{split}' folder; {layout}")
     train_ds = ImageFolder(root / "train", build_train_transform(
         input_size, aa=aa, reprob=reprob, interpolation=interpolation, mean=mean, std=std,
-        hflip=hflip, scale=scale))
+        hflip=hflip, scale=scale, defer=defer))
     val_ds = ImageFolder(root / "val", build_eval_transform(
-        input_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std))
+        input_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
+        defer=defer))
     if train_ds.classes != val_ds.classes:
         raise DataError(f"the class folders of {root}/val do not match {root}/train "
                         f"({len(val_ds.classes)} vs {len(train_ds.classes)} classes; "

@@ -98,12 +98,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, env, input_size: int) -> dict:
+def evaluate(model: nn.Module, loader, env, input_size: int, finish=None) -> dict:
     """Top-1/top-5 accuracy (percent) and mean cross-entropy over the whole validation split.
 
     Every process runs the same number of forward passes (FSDP2 gathers parameters in each), so a
     process with fewer or emptied batches runs throw-away passes; sums, not means, are reduced, so
-    each image counts exactly once.
+    each image counts exactly once. ``finish(images, device)`` moves a batch to the device (the
+    val pipeline's ``device_stage``: it normalises uint8 batches there).
     """
     was_training = model.training
     model.eval()
@@ -118,7 +119,7 @@ def evaluate(model: nn.Module, loader, env, input_size: int) -> dict:
         if images.shape[0] == 0:
             model(torch.zeros((1, 3, input_size, input_size), device=env.device))
             continue
-        images = images.to(env.device, non_blocking=True)
+        images = finish(images, env.device) if finish else images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
         logits = model(images).float()
         sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 import stvit
 from stvit import precision
 from train import checkpoint, distributed, engine, faults
-from train.config import ConfigError, TrainConfig, parse_fault
+from train.config import ConfigError, TrainConfig, augment_on_device, parse_fault
 from train.data import DataError, build_datasets, collate_skip_corrupt
 from train.distributed import DistEnv
 from train.metrics import MetricsWriter, atomic_write_text
@@ -66,7 +66,8 @@ class Run:
             self.log(f"demo dataset: {data_path}")
         self.train_ds, self.val_ds = build_datasets(
             data_path, cfg.input_size, aa=cfg.aa, reprob=cfg.reprob, interpolation=cfg.train_interpolation,
-            crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std, scale=(cfg.crop_scale_min, 1.0))
+            crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std, scale=(cfg.crop_scale_min, 1.0),
+            defer=augment_on_device(cfg.augment_on, self.env.device))
         cfg.num_classes = self.train_ds.num_classes
         env = self.env
         self.train_sampler = build_train_sampler(len(self.train_ds), env.world_size, env.rank,
@@ -168,6 +169,7 @@ class Run:
             batches = iter(self.train_loader)
             for k in range(first, self.steps_per_epoch):
                 images, targets, skipped = next(batches)
+                images = self.train_ds.transform.device_stage(images, self.env.device)
                 step = state["global_step"]
                 lr = self.schedule(step)
                 set_lr(self.optimizer, lr)
@@ -235,7 +237,8 @@ class Run:
 
     def finish_epoch(self, epoch: int, sums: dict, lr: float) -> dict:
         distributed.average_buffers(self.model)
-        val = engine.evaluate(self.model, self.val_loader, self.env, self.cfg.input_size)
+        val = engine.evaluate(self.model, self.val_loader, self.env, self.cfg.input_size,
+                              self.val_ds.transform.device_stage)
         record = {"epoch": epoch + 1, "train_loss": sums["loss_sum"] / max(sums["images"], 1),
                   **{k: val[k] for k in ("val_loss", "val_acc1", "val_acc5")}, "lr": lr,
                   "images_per_sec": sums["images"] / max(sums["train_time"], 1e-9),
@@ -315,7 +318,7 @@ def evaluate_only(r: Run, ckpt: Path | None) -> dict:
         source = ckpt
     else:
         source = cfg.checkpoint
-    val = engine.evaluate(r.model, r.val_loader, r.env, cfg.input_size)
+    val = engine.evaluate(r.model, r.val_loader, r.env, cfg.input_size, r.val_ds.transform.device_stage)
     skipped = f" ({val['val_skipped']} unreadable images skipped)" if val["val_skipped"] else ""
     r.log(f"{cfg.model} from {source} on {val['val_images']} val images at {cfg.input_size}px: top-1 "
           f"{val['val_acc1']:.2f}%  top-5 {val['val_acc5']:.2f}%  loss {val['val_loss']:.4f}{skipped}")

@@ -16,6 +16,11 @@ the crop still covers the output size (``draft``), crops and resizes in one call
 antialiased kernel for bilinear/bicubic), flips the small image, and normalises and erases in
 one NumPy buffer. ``build_train_transform(..., fast=False)`` is the step-by-step reference (today's
 implementation, kept for ``python -m bench data --baseline`` and the tests).
+
+``defer=True`` (what ``python -m train`` uses on a GPU, ``--augment-on``) stops the worker after
+the resize: it hands over the uint8 pixels with every draw made, and the pipeline's
+``device_stage`` (``train.batch_augment``) flips, augments, normalises and erases the batch on the
+device, with the same result as the fused pipeline (Random Erasing's noise aside).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from stvit.images import (center_crop, check_mean_std, eval_resize_size, resize_
 from stvit.contract import IMAGENET_MEAN as IMAGENET_DEFAULT_MEAN
 from stvit.contract import IMAGENET_STD as IMAGENET_DEFAULT_STD
 from train.augment import RandAugment, RandomErasing, pil_interpolation
+from train.batch_augment import DeferredSample, DeviceStage
 
 Transform = Callable[[object, random.Random], object]
 
@@ -73,6 +79,13 @@ class Compose:
         for transform in self.transforms:
             img = transform(img, rng)
         return img
+
+    @property
+    def device_stage(self) -> DeviceStage:
+        """What finishes this pipeline's batches on the training device: normalises a deferred
+        (uint8) batch, only moves a finished one."""
+        last = self.transforms[-1] if self.transforms else None
+        return DeviceStage(last if isinstance(last, ToNormalizedTensor) else None)
 
     def __repr__(self) -> str:
         inner = "".join(f"\n    {t!r}," for t in self.transforms)
@@ -181,9 +194,10 @@ class ToNormalizedTensor:
     faster). ``fast=False`` calls ``stvit.images.to_tensor`` itself (the reference)."""
 
     def __init__(self, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-                 std: Sequence[float] = IMAGENET_DEFAULT_STD, fast: bool = True):
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD, fast: bool = True,
+                 defer: bool = False):
         check_mean_std(mean, std)  # at construction, not first at the first image
-        self.mean, self.std, self.fast = tuple(mean), tuple(std), fast
+        self.mean, self.std, self.fast, self.defer = tuple(mean), tuple(std), fast, defer
         std32 = np.asarray(std, dtype=np.float32)
         # Exactly stvit.images.to_tensor's constants.
         self._scale = (1.0 / (255.0 * std32)).astype(np.float32).reshape(3, 1, 1)
@@ -196,9 +210,20 @@ class ToNormalizedTensor:
         out += self._offset
         return out
 
-    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+    def normalize_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 on any device -> float32, normalised with the same float32
+        operations as :meth:`normalize` (bit-identical on the CPU)."""
+        dev = images.device
+        scale = torch.from_numpy(self._scale).to(dev).unsqueeze(0)
+        offset = torch.from_numpy(self._offset).to(dev).unsqueeze(0)
+        out = images.float().mul_(scale)
+        return out.add_(offset)
+
+    def __call__(self, img: Image.Image, rng: random.Random):
         if not self.fast:
             return to_tensor(img, self.mean, self.std)
+        if self.defer:  # normalised on the device (train.batch_augment.DeviceStage)
+            return DeferredSample(_pixels_tensor(np.asarray(to_rgb(img))))
         return torch.from_numpy(self.normalize(np.asarray(to_rgb(img))))
 
     def __repr__(self) -> str:
@@ -215,11 +240,14 @@ def build_train_transform(input_size, aa: str | None = "rand-m9-mstd0.5-inc1",
                           mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                           std: Sequence[float] = IMAGENET_DEFAULT_STD, hflip: float = 0.5,
                           scale: tuple[float, float] = (0.08, 1.0),
-                          remode: str = "pixel", recount: int = 1, fast: bool = True) -> Compose:
+                          remode: str = "pixel", recount: int = 1, fast: bool = True,
+                          defer: bool = False) -> Compose:
     """DeiT's training pipeline. ``aa=None`` or ``"none"`` disables RandAugment; ``reprob=0``
     disables Random Erasing; ``hflip=0`` disables flipping. ``fast=False``: the step-by-step
     reference (:class:`Compose`) instead of the fused :class:`TrainPipeline`; both draw the same
-    random parameters for a seed."""
+    random parameters for a seed. ``defer=True``: the worker stops after the resize and the
+    pipeline's ``device_stage`` flips, augments, normalises and erases the uint8 batch on the
+    training device (``train.batch_augment``)."""
     transforms: list[Transform] = [
         RandomResizedCrop(input_size, scale=scale, interpolation=interpolation)
     ]
@@ -230,22 +258,26 @@ def build_train_transform(input_size, aa: str | None = "rand-m9-mstd0.5-inc1",
     transforms.append(ToNormalizedTensor(mean, std, fast=fast))
     if reprob > 0:
         transforms.append(RandomErasing(reprob, mode=remode, count=recount))
-    return TrainPipeline(transforms) if fast else Compose(transforms, fast=False)
+    if defer and not fast:
+        raise ValueError("defer=True needs the fused pipeline (fast=True)")
+    return TrainPipeline(transforms, defer=defer) if fast else Compose(transforms, fast=False)
 
 
 def build_eval_transform(input_size, crop_pct: float = 0.875, interpolation: str = "bicubic",
                          mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-                         std: Sequence[float] = IMAGENET_DEFAULT_STD, fast: bool = True) -> Compose:
+                         std: Sequence[float] = IMAGENET_DEFAULT_STD, fast: bool = True,
+                         defer: bool = False) -> Compose:
     """Resize to cover ``input_size / crop_pct`` (for a square size: the shorter side becomes
     ``int(size / crop_pct)``), center crop ``input_size``, normalize. The output is the same
-    with ``fast`` on or off (``fast=False`` is the reference: today's tensor conversion)."""
+    with ``fast`` on or off (``fast=False`` is the reference: today's tensor conversion).
+    ``defer=True``: uint8 images, normalised by the pipeline's ``device_stage``."""
     height, width = _size_hw(input_size)
     if interpolation == "random":  # evaluation is deterministic
         interpolation = "bicubic"
     return Compose([
         ResizeToCover(eval_resize_size((height, width), crop_pct), interpolation),
         CenterCrop((height, width)),
-        ToNormalizedTensor(mean, std, fast=fast),
+        ToNormalizedTensor(mean, std, fast=fast, defer=defer),
     ], fast=fast)
 
 
@@ -296,9 +328,9 @@ class TrainPipeline(Compose):
     code as the reference.
     """
 
-    def __init__(self, transforms: Sequence[Transform], draft: bool = True):
+    def __init__(self, transforms: Sequence[Transform], draft: bool = True, defer: bool = False):
         super().__init__(transforms, fast=True)
-        self.draft = draft
+        self.draft, self.defer = draft, defer
         kinds = (RandomResizedCrop, RandomHorizontalFlip, RandAugment, ToNormalizedTensor,
                  RandomErasing)
         names = [type(t).__name__ for t in self.transforms]
@@ -342,11 +374,16 @@ class TrainPipeline(Compose):
         return DecodedCrop(img, box, scale, interpolation)
 
     # -- phase 2: the rest ------------------------------------------------------------------------
-    def apply(self, decoded: DecodedCrop, rng: random.Random) -> torch.Tensor:
+    def apply(self, decoded: DecodedCrop, rng: random.Random) -> torch.Tensor | DeferredSample:
         height, width = self.crop.size
         pixels = self._crop_resize(decoded, (height, width))  # (H, W, 3) uint8
         flip = self.flip is not None and rng.random() < self.flip.prob  # drawn as the flip does
         plan = self.randaug.sample_plan(rng) if self.randaug is not None else None
+        if self.defer:  # the same draws, in the same order; the pixels are done on the device
+            boxes = self.erasing.sample_boxes(rng, height, width) if self.erasing else []
+            seed = rng.getrandbits(63) if boxes else None  # as erase_boxes_ draws it
+            return DeferredSample(_pixels_tensor(pixels), flip, tuple(plan or ()), tuple(boxes),
+                                  seed)
         if plan:  # RandAugment's Pillow ops, exactly as in the reference, on the output size
             img = Image.fromarray(pixels, "RGB")
             if flip:
@@ -387,5 +424,20 @@ class TrainPipeline(Compose):
         code and timing, ``build_train_transform(..., fast=False)``)."""
         return Compose.__call__(self, img, rng)
 
+    @property
+    def device_stage(self) -> DeviceStage:
+        if not self.defer:
+            return DeviceStage(self.to_tensor)
+        return DeviceStage(self.to_tensor, self.randaug, self.erasing)
+
     def __repr__(self) -> str:
-        return "TrainPipeline" + super().__repr__()[len("Compose"):]
+        defer = ", defer=True" if self.defer else ""
+        return "TrainPipeline" + super().__repr__()[len("Compose"):] + defer
+
+
+def _pixels_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """An (H, W, 3) uint8 array as a tensor the worker owns (Pillow's arrays are read-only
+    views of its bytes; a flipped view has negative strides)."""
+    if not (pixels.flags.writeable and pixels.flags.c_contiguous):
+        pixels = np.array(pixels, order="C")
+    return torch.from_numpy(pixels)
