@@ -68,6 +68,9 @@ class Run:
             data_path, cfg.input_size, aa=cfg.aa, reprob=cfg.reprob, interpolation=cfg.train_interpolation,
             crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std, scale=(cfg.crop_scale_min, 1.0),
             defer=augment_on_device(cfg.augment_on, self.env.device))
+        if self.train_ds.transform.defer:
+            self.log(f"--augment-on {cfg.augment_on}: the data loader workers decode, crop and resize; flip, "
+                     f"RandAugment, normalisation and erasing run batched on {self.env.device}")
         cfg.num_classes = self.train_ds.num_classes
         env = self.env
         self.train_sampler = build_train_sampler(len(self.train_ds), env.world_size, env.rank,
