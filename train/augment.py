@@ -437,67 +437,68 @@ class RandomErasing:
                     break
         return boxes
 
+    def draw(self, rng: random.Random, height: int,
+             width: int) -> tuple[list[tuple[int, int, int, int]], int | None]:
+        """The rectangles one call erases and the seed of their noise, drawn from ``rng`` only
+        when there is a box (None otherwise)."""
+        boxes = self.sample_boxes(rng, height, width)
+        return boxes, (rng.getrandbits(63) if boxes else None)
+
     def __call__(self, tensor: torch.Tensor, rng: random.Random) -> torch.Tensor:
         if tensor.dim() != 3:
             raise ValueError(f"random erasing expects a (C, H, W) tensor, "
                              f"got {tuple(tensor.shape)}")
-        channels, height, width = tensor.shape
-        boxes = self.sample_boxes(rng, height, width)
+        boxes, seed = self.draw(rng, *tensor.shape[1:])
         if not boxes:
             return tensor
         # NumPy, not torch: per-image torch ops pay for the intra-op thread pool (a 600 kB
         # clone takes milliseconds on a busy machine); this runs in data-loading code on CPU.
         out = tensor.detach().cpu().numpy().copy()
-        self.erase_boxes_(out, boxes, rng)
+        self._fill(out, boxes, _numpy_normal(seed))
         return torch.from_numpy(out).to(tensor.device)
 
     def erase_(self, array: np.ndarray, rng: random.Random) -> np.ndarray:
         """Erase in place in a (C, H, W) float32 array the pipeline owns: the same draws and the
         same values as ``__call__``, without copying the image first."""
-        self.erase_boxes_(array, self.sample_boxes(rng, *array.shape[1:]), rng)
+        boxes, seed = self.draw(rng, *array.shape[1:])
+        if boxes:
+            self._fill(array, boxes, _numpy_normal(seed))
         return array
-
-    def erase_boxes_(self, array: np.ndarray, boxes, rng: random.Random) -> None:
-        """Fill ``boxes`` (from :meth:`sample_boxes`) of ``array`` in place; draws the noise seed
-        from ``rng`` only when there is a box."""
-        if not boxes:
-            return
-        channels = array.shape[0]
-        noise = np.random.default_rng(rng.getrandbits(63))  # deterministic, fast in bulk
-        for top, left, h, w in boxes:
-            if self.mode == "pixel":
-                value = noise.standard_normal((channels, h, w), dtype=np.float32)
-            elif self.mode == "rand":
-                value = noise.standard_normal((channels, 1, 1), dtype=np.float32)
-            else:
-                value = 0.0
-            array[:, top:top + h, left:left + w] = value
 
     def erase_batch_(self, batch: torch.Tensor, boxes: list, seeds: list) -> torch.Tensor:
         """Erase in place in a (B, C, H, W) batch on any device: image ``i`` gets ``boxes[i]``
-        (from :meth:`sample_boxes`), filled from the device's generator seeded with ``seeds[i]``
-        (the seed the worker drew). Same boxes and statistics as :meth:`erase_`; the noise
-        values come from torch's generator instead of NumPy's."""
+        and ``seeds[i]`` (from :meth:`draw`, in the worker), its noise from the device's
+        generator. Same boxes and statistics as :meth:`erase_`; the noise values come from
+        torch's generator instead of NumPy's."""
         generator = None
-        for i, (image_boxes, seed) in enumerate(zip(boxes, seeds)):
+        for image, image_boxes, seed in zip(batch, boxes, seeds):
             if not image_boxes:
                 continue
             if generator is None:
                 generator = torch.Generator(device=batch.device)
             generator.manual_seed(seed)
-            for top, left, h, w in image_boxes:
-                region = batch[i, :, top:top + h, left:left + w]
-                if self.mode == "pixel":
-                    region.copy_(torch.randn(region.shape, generator=generator,
-                                             device=batch.device, dtype=batch.dtype))
-                elif self.mode == "rand":
-                    region.copy_(torch.randn((region.shape[0], 1, 1), generator=generator,
-                                             device=batch.device, dtype=batch.dtype)
-                                 .expand_as(region))
-                else:
-                    region.zero_()
+            self._fill(image, image_boxes, lambda shape: torch.randn(
+                shape, generator=generator, device=batch.device, dtype=batch.dtype))
         return batch
+
+    def _fill(self, image, boxes, normal: Callable) -> None:
+        """Fill ``boxes`` of one (C, H, W) image (array or tensor) in place, by ``mode``;
+        ``normal(shape)`` gives N(0, 1) values."""
+        channels = image.shape[0]
+        for top, left, h, w in boxes:
+            if self.mode == "pixel":
+                value = normal((channels, h, w))
+            elif self.mode == "rand":
+                value = normal((channels, 1, 1))
+            else:
+                value = 0.0
+            image[:, top:top + h, left:left + w] = value
 
     def __repr__(self) -> str:
         return (f"RandomErasing(prob={self.prob}, mode={self.mode!r}, area={self.area}, "
                 f"count={self.count})")
+
+
+def _numpy_normal(seed: int) -> Callable:
+    noise = np.random.default_rng(seed)  # deterministic, fast in bulk
+    return lambda shape: noise.standard_normal(shape, dtype=np.float32)

@@ -56,9 +56,6 @@ class DeferredBatch:
         b, h, w, c = self.pixels.shape
         return torch.Size((b, c, h, w))
 
-    def __len__(self) -> int:
-        return self.pixels.shape[0]
-
     def pin_memory(self) -> "DeferredBatch":  # DataLoader(pin_memory=True) calls this
         return DeferredBatch(self.pixels.pin_memory(), self.flips, self.ops, self.boxes,
                              self.seeds)
@@ -170,11 +167,15 @@ def _solarize_add(x, adds, threshold=128):
                                levels))
 
 
+def _darkest_and_brightest(present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and last levels present, (b, c, 1) each, from a (b, c, 256) bool histogram."""
+    return (present.int().argmax(-1, keepdim=True),
+            255 - present.flip(-1).int().argmax(-1, keepdim=True))
+
+
 def _auto_contrast(x, args):
     # ImageOps.autocontrast(cutoff=0): stretch [lo, hi] of each channel to [0, 255], truncating.
-    present = _histogram(x) > 0
-    lo = present.int().argmax(-1, keepdim=True).double()
-    hi = 255 - present.flip(-1).int().argmax(-1, keepdim=True).double()
+    lo, hi = (level.double() for level in _darkest_and_brightest(_histogram(x) > 0))
     # torch's `255.0 / t` is 255 * (1 / t), which rounds differently from Python's division.
     scale = torch.full_like(lo, 255.0).div_((hi - lo).clamp(min=1))
     levels = _levels(x, torch.float64)
@@ -187,7 +188,7 @@ def _equalize(x, args):
     # step = (pixels not of the brightest value) // 255; identity when step is 0 or one value.
     hist = _histogram(x)
     present = hist > 0
-    brightest = 255 - present.flip(-1).int().argmax(-1, keepdim=True)
+    _, brightest = _darkest_and_brightest(present)
     step = (hist.sum(-1, keepdim=True) - hist.gather(-1, brightest)) // 255
     below = hist.cumsum(-1) - hist
     table = (step // 2 + below) // step.clamp(min=1)

@@ -147,15 +147,13 @@ def collate_skip_corrupt(batch) -> tuple[torch.Tensor | DeferredBatch, torch.Ten
     n_skipped = len(batch) - len(kept)
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long), n_skipped
+    targets = torch.tensor([target for _, target in kept], dtype=torch.long)
     if isinstance(kept[0][0], DeferredSample):
-        targets = torch.tensor([target for _, target in kept], dtype=torch.long)
         return DeferredBatch.stack([image for image, _ in kept]), targets, n_skipped
     if not isinstance(kept[0][0], torch.Tensor):
         raise TypeError(f"collate_skip_corrupt needs tensors; the dataset returned "
                         f"{type(kept[0][0]).__name__} (give ImageFolder a transform)")
-    images = torch.stack([image for image, _ in kept])
-    targets = torch.tensor([target for _, target in kept], dtype=torch.long)
-    return images, targets, n_skipped
+    return torch.stack([image for image, _ in kept]), targets, n_skipped
 
 
 def _describe_difference(train: list[str], val: list[str]) -> str:

@@ -380,8 +380,7 @@ class TrainPipeline(Compose):
         flip = self.flip is not None and rng.random() < self.flip.prob  # drawn as the flip does
         plan = self.randaug.sample_plan(rng) if self.randaug is not None else None
         if self.defer:  # the same draws, in the same order; the pixels are done on the device
-            boxes = self.erasing.sample_boxes(rng, height, width) if self.erasing else []
-            seed = rng.getrandbits(63) if boxes else None  # as erase_boxes_ draws it
+            boxes, seed = self.erasing.draw(rng, height, width) if self.erasing else ([], None)
             return DeferredSample(_pixels_tensor(pixels), flip, tuple(plan or ()), tuple(boxes),
                                   seed)
         if plan:  # RandAugment's Pillow ops, exactly as in the reference, on the output size
@@ -426,8 +425,7 @@ class TrainPipeline(Compose):
 
     @property
     def device_stage(self) -> DeviceStage:
-        if not self.defer:
-            return DeviceStage(self.to_tensor)
+        # Without defer the batches are finished tensors, which the stage only moves.
         return DeviceStage(self.to_tensor, self.randaug, self.erasing)
 
     def __repr__(self) -> str:
