@@ -4,14 +4,75 @@ from pathlib import Path
 import pytest
 import torch
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+# ../shared/golden beside the repository; STVIT_GOLDEN names another folder (a GPU machine that
+# gets a copy of some of the files, say).
+GOLDEN = Path(os.environ.get("STVIT_GOLDEN") or Path(__file__).resolve().parents[1].parent / "shared" / "golden")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="where the device-independent tests run (golden parity, the oracle properties, the "
+                          "contract sweep, optimize): cpu (default) or cuda[:N]. With cpu the session hides "
+                          "any GPU, so every test computes as in CI; `pytest --device cuda -m on_device` runs "
+                          "just those tests on the GPU")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "on_device: takes the `device` fixture, so it runs on --device")
+    name = config.getoption("--device")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise pytest.UsageError(f"--device {name!r} is not a device; use cpu or cuda[:N]") from None
+    if device.type == "cpu":
+        # Before anything initialises CUDA (and inherited by the processes tests start): the trainer,
+        # the bench and optimize pick a GPU by themselves when they see one, and would then compute in
+        # bf16 with other kernels than the CPU results these tests pin.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif device.type != "cuda":
+        raise pytest.UsageError(f"--device {name}: use cpu or cuda[:N]")
+    elif not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    elif (device.index or 0) >= torch.cuda.device_count():
+        raise pytest.UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.on_device)
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device of ``--device``: tests that take it compute there, and must give the same results
+    (within the tolerances they state) on every device. On CUDA float32 means float32: cuDNN's
+    default TF32 convolutions (10-bit mantissa) would blur the float32 tolerances."""
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return device
+
+
+def to_device(tree, device: torch.device):
+    """A golden record (nested dicts and lists of tensors) with every tensor moved to ``device``."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: to_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_device(v, device) for v in tree)
+    return tree
 
 
 def golden_names(prefix: str, *shared: str) -> list[str]:
     """A family's golden files (stems): the ones shared with the project, plus every other
-    ``<prefix>_*.pt`` beside them, so a new golden (a hidden one included) is tested without edits."""
+    ``<prefix>_*.pt`` beside them, so a new golden (a hidden one included) is tested without edits.
+    A folder named by STVIT_GOLDEN may hold a selection (a GPU machine takes 64 MiB): just what it has."""
     found = {p.stem for p in GOLDEN.glob(f"{prefix}_*.pt")} if GOLDEN.is_dir() else set()
-    return sorted(set(shared) | found)
+    return sorted(found if os.environ.get("STVIT_GOLDEN") else set(shared) | found)
 
 
 def _under_ci() -> bool:

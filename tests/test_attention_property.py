@@ -40,27 +40,29 @@ def build(cfg):
 
 @SETTINGS
 @given(configs())
-def test_sparse_equals_dense_oracle(cfg):
+def test_sparse_equals_dense_oracle(device, cfg):
     """Both token forms: "cells" (batched GEMMs, eager) and "map" (broadcast products, compiled)."""
     module, params, x = build(cfg)
     expected = reference.super_token_attention(x, params, cfg["grid"], cfg["n_iter"], cfg["heads"])
+    module.to(device)
     for form in FORMS:
         with torch.no_grad():
-            out = module(torch.from_numpy(x), form=form).numpy()
+            out = module(torch.from_numpy(x).to(device), form=form).cpu().numpy()
         assert out.shape == x.shape
         np.testing.assert_allclose(out, expected, rtol=0, atol=1e-9, err_msg=f"form={form}")
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs().filter(lambda c: c["H"] * c["W"] * c["C"] <= 1500))
-def test_input_gradient_equals_finite_differences_with_fixed_association(cfg):
+def test_input_gradient_equals_finite_differences_with_fixed_association(device, cfg):
     module, params, x = build(cfg)
     weights = np.random.default_rng(cfg["seed"] + 1).standard_normal(x.shape)
+    module.to(device)
     grads = {}
     for form in FORMS:
-        xt = torch.from_numpy(x).requires_grad_()
-        (module(xt, form=form) * torch.from_numpy(weights)).sum().backward()
-        grads[form] = xt.grad.numpy()
+        xt = torch.from_numpy(x).to(device).requires_grad_()
+        (module(xt, form=form) * torch.from_numpy(weights).to(device)).sum().backward()
+        grads[form] = xt.grad.cpu().numpy()
 
     A = reference.super_token_association(x, cfg["grid"], cfg["n_iter"])  # held fixed, as in the model
     def loss(v):

@@ -37,9 +37,9 @@ def tiny_of(family: str) -> str:
     return names[0]
 
 
-def build(family: str, **overrides) -> torch.nn.Module:
+def build(family: str, device: torch.device | str = "cpu", **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    return stvit.create_model(tiny_of(family), **overrides)
+    return stvit.create_model(tiny_of(family), **overrides).to(device)
 
 
 def sizes(model) -> list[tuple[int, int]]:
@@ -62,13 +62,13 @@ def test_every_family_is_registered_with_provenance():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_forward_features_and_head(family):
-    model = build(family).eval()
+def test_forward_features_and_head(family, device):
+    model = build(family, device).eval()
     cfg = model.pretrained_cfg
     assert cfg["architecture"] == tiny_of(family) and cfg["family"] == family
     assert {"input_size", "crop_pct", "interpolation", "mean", "std", "classifier", "num_classes"} <= set(cfg)
     for h, w in sizes(model):
-        x = torch.randn(2, model.in_chans, h, w)
+        x = torch.randn(2, model.in_chans, h, w, device=device)
         with torch.no_grad():
             logits = model(x)
             assert logits.shape == (2, model.num_classes) and torch.isfinite(logits).all()
@@ -80,19 +80,19 @@ def test_forward_features_and_head(family):
     assert any(m is named for m in model.get_classifier().modules())
     model.reset_classifier(7)
     with torch.no_grad():
-        assert model(torch.randn(1, model.in_chans, *sizes(model)[0])).shape == (1, 7)
+        assert model(torch.randn(1, model.in_chans, *sizes(model)[0], device=device)).shape == (1, 7)
     assert model.num_classes == 7
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_features_only_maps_match_feature_info(family):
-    backbone = build(family, features_only=True).eval()
+def test_features_only_maps_match_feature_info(family, device):
+    backbone = build(family, device, features_only=True).eval()
     info = backbone.feature_info
     modules = dict(backbone.named_modules())
     assert info and all(f["module"] in modules for f in info)
     for h, w in sizes(backbone):
         with torch.no_grad():
-            maps = backbone(torch.randn(2, backbone.in_chans, h, w))
+            maps = backbone(torch.randn(2, backbone.in_chans, h, w, device=device))
         assert len(maps) == len(info)
         for m, f in zip(maps, info):
             assert m.shape == (2, f["num_chs"], math.ceil(h / f["reduction"]), math.ceil(w / f["reduction"])), (
@@ -100,14 +100,14 @@ def test_features_only_maps_match_feature_info(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_checkpoint_round_trip_and_optimize(family, tmp_path):
-    model = build(family).eval()
+def test_checkpoint_round_trip_and_optimize(family, tmp_path, device):
+    model = build(family, device).eval()
     path = tmp_path / "weights.pt"
     stvit.save_state_dict(model.state_dict(), path)
     torch.manual_seed(1)
-    other = stvit.create_model(tiny_of(family)).eval()
+    other = stvit.create_model(tiny_of(family)).to(device).eval()
     stvit.load_checkpoint(other, path)
-    x = torch.randn(2, model.in_chans, *sizes(model)[0])
+    x = torch.randn(2, model.in_chans, *sizes(model)[0], device=device)
     with torch.no_grad():
         expected = model(x)
         torch.testing.assert_close(other(x), expected, rtol=0, atol=0)
@@ -116,14 +116,14 @@ def test_checkpoint_round_trip_and_optimize(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_no_weight_decay_names_exist_and_checkpointing_keeps_gradients(family):
-    model = build(family).train()
+def test_no_weight_decay_names_exist_and_checkpointing_keeps_gradients(family, device):
+    model = build(family, device).train()
     names = dict(model.named_parameters())
     assert set(model.no_weight_decay()) <= set(names)
     assert model.repeated_blocks() and all(isinstance(b, torch.nn.Module) for b in model.repeated_blocks())
     block_ids = {id(b) for b in model.repeated_blocks()}
     assert len(block_ids) == len(model.repeated_blocks())  # each block once
-    x = torch.randn(2, model.in_chans, *sizes(model)[0])
+    x = torch.randn(2, model.in_chans, *sizes(model)[0], device=device)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     grads = []
     for enable in (False, True):
@@ -156,12 +156,12 @@ def test_clear_errors():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_size_the_model_cannot_take_is_named_and_others_run(family):
+def test_a_size_the_model_cannot_take_is_named_and_others_run(family, device):
     """A fixed-size family (pretrained_cfg["fixed_input_size"]) refuses another size with a message
     naming the size it takes; the others take it."""
-    model = build(family).eval()
+    model = build(family, device).eval()
     h, w = sizes(model)[0]
-    x = torch.randn(1, model.in_chans, 2 * h + 5, w)
+    x = torch.randn(1, model.in_chans, 2 * h + 5, w, device=device)
     if model.pretrained_cfg.get("fixed_input_size"):
         with pytest.raises(ValueError, match=str(h)):
             model(x)

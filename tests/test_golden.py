@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import stvit
-from conftest import golden_names
+from conftest import golden_names, to_device
 
 RTOL, ATOL = 1e-7, 1e-9
 
@@ -14,11 +14,11 @@ def close(actual, expected, what):
 
 
 @pytest.fixture(scope="module", params=golden_names("tiny", "tiny_a", "tiny_b"))
-def golden(request, golden_dir):
+def golden(request, golden_dir, device):
     record = torch.load(golden_dir / f"{request.param}.pt", weights_only=True)
     model = stvit.STViT(**record["config"], qkv_bias=True, drop_path_rate=0.0, init_values=1e-6).double()
     stvit.load_checkpoint(model, record["state_dict"])
-    return model, record
+    return model.to(device), to_device(record, device)
 
 
 def cases(record):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import golden_names
+from conftest import golden_names, to_device
 from stvit.checkpoint import load_checkpoint
 from stvit.contract import soft_target_cross_entropy
 from stvit.flops import count_macs, count_params
@@ -34,6 +34,12 @@ def golden(request, golden_dir):
 
 
 @pytest.fixture(scope="module")
+def golden_on_device(golden, device):
+    """The golden record on ``--device``, for the parity tests."""
+    return to_device(golden, device)
+
+
+@pytest.fixture(scope="module")
 def official_keys(golden_dir):
     return json.loads((golden_dir / "official_lvt_keys.json").read_text())["lvt_cls"]
 
@@ -41,7 +47,7 @@ def official_keys(golden_dir):
 def golden_model(golden) -> LVT:
     model = LVT(**golden["config"]).double()
     model.load_state_dict(golden["state_dict"], strict=True)
-    return model.eval()
+    return model.to(golden["cases"][0]["input"].device).eval()  # where the golden fixture put the tensors
 
 
 def all_cases(golden):
@@ -57,7 +63,8 @@ def test_goldens_have_the_expected_cases(golden):
 
 
 @pytest.mark.parametrize("kind", ["case", "eval_only"])
-def test_eval_parity(golden, kind):
+def test_eval_parity(golden_on_device, kind):
+    golden = golden_on_device
     model = golden_model(golden)
     cases = golden["cases"] if kind == "case" else golden["eval_only_cases"]
     for case in cases:
@@ -88,7 +95,8 @@ def test_eval_parity(golden, kind):
 
 
 @pytest.mark.parametrize("index", [0, 1])
-def test_train_parity_outputs_and_grads(golden, index):
+def test_train_parity_outputs_and_grads(golden_on_device, index):
+    golden = golden_on_device
     case = golden["cases"][index]
     model = golden_model(golden).train()
     x = case["input"].clone().requires_grad_(True)
@@ -249,7 +257,8 @@ def test_train_mode_at_odd_size_with_empty_box_equals_eval(golden):
     assert math.isfinite(loss.item())
 
 
-def test_forward_without_box_returns_logits_in_train_mode(golden):
+def test_forward_without_box_returns_logits_in_train_mode(golden_on_device):
+    golden = golden_on_device
     model = golden_model(golden).train()
     x = golden["cases"][0]["input"]
     out = model(x)

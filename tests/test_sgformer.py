@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import stvit.models.sgformer as sg
-from conftest import golden_names
+from conftest import golden_names, to_device
 from stvit.checkpoint import load_checkpoint, read_checkpoint
 from stvit.contract import FeatureInfo
 from stvit.flops import count_macs
@@ -37,10 +37,10 @@ def close(actual, expected, what: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
 
 
-def golden_model(record: dict) -> sg.SGFormer:
+def golden_model(record: dict, device: torch.device | str = "cpu") -> sg.SGFormer:
     model = sg.SGFormer.from_official_config(record["config"]).double()
     model.load_state_dict(record["state_dict"], strict=True)
-    return model
+    return model.to(device)
 
 
 def spread_init(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -97,18 +97,18 @@ class Recorder:
 
 
 @pytest.fixture(scope="module", params=GOLDEN_FILES)
-def golden(request, golden_dir):
+def golden(request, golden_dir, device):
     path = golden_dir / request.param
     if not path.exists():
         pytest.fail(f"{path} is missing")
     record = torch.load(path, weights_only=True)
     assert record["cases"], f"{request.param} has no cases"
-    return request.param, record
+    return request.param, to_device(record, device)
 
 
-def test_golden_eval(golden):
+def test_golden_eval(golden, device):
     name, record = golden
-    model = golden_model(record).eval()
+    model = golden_model(record, device).eval()
     for c, case in enumerate(record["cases"]):
         where = f"{name} case {c} {tuple(case['input'].shape)}"
         rec = Recorder(model)
@@ -134,9 +134,9 @@ def test_golden_eval(golden):
             assert torch.equal((col % H) * W + col // H, got["sort_index_row"]), at
 
 
-def test_golden_train_logits_and_gradients(golden):
+def test_golden_train_logits_and_gradients(golden, device):
     name, record = golden
-    model = golden_model(record).train()
+    model = golden_model(record, device).train()
     for c, case in enumerate(record["cases"]):
         where = f"{name} case {c}"
         model.zero_grad(set_to_none=True)

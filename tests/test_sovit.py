@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import stvit.models.sovit as sovit
-from conftest import golden_names
+from conftest import golden_names, to_device
 from stvit.checkpoint import load_checkpoint
 from stvit.flops import count_macs, count_params
 from stvit.registry import FAMILIES, MODELS, family_of, model_entry, resolve_name
@@ -26,15 +26,15 @@ def close(actual, expected, what):
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
 
 
-def load_golden(golden_dir, name):
-    return torch.load(golden_dir / f"{name}.pt", weights_only=True)
+def load_golden(golden_dir, name, device="cpu"):
+    return to_device(torch.load(golden_dir / f"{name}.pt", weights_only=True), device)
 
 
-def build_golden_model(record):
+def build_golden_model(record, device="cpu"):
     cls = sovit.SoViT if record["family"] == "sovit" else sovit.SoT
     model = cls.from_official_config(record["config"]).double()
     model.load_state_dict(record["state_dict"], strict=True)
-    return model
+    return model.to(device)
 
 
 def svpn_module(model):
@@ -56,9 +56,9 @@ def build_meta(name):
 
 
 @pytest.mark.parametrize("name", GOLDENS)
-def test_golden_parity_every_case_every_field(golden_dir, name):
-    record = load_golden(golden_dir, name)
-    model = build_golden_model(record)
+def test_golden_parity_every_case_every_field(golden_dir, name, device):
+    record = load_golden(golden_dir, name, device)
+    model = build_golden_model(record, device)
     assert model.pos_embed.dtype == torch.float64 and not model.pos_embed.requires_grad
     for i, case in enumerate(record["cases"]):
         model.load_state_dict(record["state_dict"])  # the train step below updates BN statistics
@@ -102,10 +102,10 @@ def test_golden_parity_every_case_every_field(golden_dir, name):
 
 
 @pytest.mark.parametrize("name", ["sovit_b", "sot_b"])
-def test_svpn_alone_matches_at_float64_precision(golden_dir, name):
+def test_svpn_alone_matches_at_float64_precision(golden_dir, name, device):
     # float32 temporaries inside svPN would leave ~1e-8 relative errors; float64 ones ~1e-14.
-    record = load_golden(golden_dir, name)
-    model = build_golden_model(record).eval()
+    record = load_golden(golden_dir, name, device)
+    model = build_golden_model(record, device).eval()
     for case in record["cases"]:
         with torch.no_grad():
             out = svpn_module(model)(case["eval_cov"])
