@@ -94,12 +94,19 @@ def _missing(name: str) -> bool:
         return True
 
 
+def has_authors_twin(name: str) -> bool:
+    """Whether the authors' code builds registered model ``name`` (their code is STViT's)."""
+    from stvit.models.stvit import STVIT_CONFIGS
+
+    return name in STVIT_CONFIGS
+
+
 def authors_config(name: str) -> dict:
     """The STViT keywords of registered model ``name``, for building the authors' twin; a clear error
     for a model of another family (their code is STViT's)."""
     from stvit.models.stvit import STVIT_CONFIGS
 
-    if name not in STVIT_CONFIGS:
+    if not has_authors_twin(name):
         raise AuthorsCodeError(f"the authors* modes time the authors' STViT code; {name} is not an STViT model: "
                                f"drop it or the authors* modes")
     return STVIT_CONFIGS[name]

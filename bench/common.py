@@ -16,7 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch import nn
 
+import stvit
 from stvit.files import atomic_path
 
 
@@ -68,13 +70,12 @@ def tune_cpu_allocator() -> bool:
 
 
 def machine_info(device: torch.device) -> dict:
-    """What the numbers were measured on."""
-    info = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), torch=torch.__version__,
-                python=platform.python_version(), device=device.type, threads=torch.get_num_threads(),
-                cpu=_cpu_name(), cpu_count=os.cpu_count(), allocator=ALLOCATOR["setting"])
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+    """What the numbers were measured on; ``device_name`` is the GPU's name on CUDA, the CPU's on a CPU."""
+    cpu = _cpu_name()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    return dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), torch=torch.__version__,
+                python=platform.python_version(), device=device.type, device_name=device_name,
+                threads=torch.get_num_threads(), cpu=cpu, cpu_count=os.cpu_count(), allocator=ALLOCATOR["setting"])
 
 
 def _cpu_name() -> str:
@@ -85,6 +86,39 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+# ---- models --------------------------------------------------------------------------------------
+
+TIMM_PREFIX = "timm:"
+
+
+def create_model(name: str) -> tuple[str, nn.Module]:
+    """(name for the results, untrained model): a registered model (``stvit_small``, ``small``), or with
+    ``timm:NAME`` timm's model of that name, to time peers beside ours (timm is not a dependency).
+    Seeded: the same weights in every run."""
+    torch.manual_seed(0)
+    if not name.startswith(TIMM_PREFIX):
+        canonical = stvit.resolve_name(name)
+        return canonical, stvit.create_model(canonical)
+    try:
+        import timm
+    except ImportError as e:
+        raise BenchError(f"{name} needs timm, which does not import here ({e}): pip install timm (a version "
+                         f"made for this torch), or drop the timm: models") from e
+    try:
+        return name, timm.create_model(name.removeprefix(TIMM_PREFIX), pretrained=False, num_classes=1000)
+    except RuntimeError as e:  # timm's "Unknown model (...)"
+        raise BenchError(f"{name}: {e}; timm.list_models('*part*') lists timm's names") from e
+
+
+def input_shape(model: nn.Module, size: int | None = None) -> tuple[int, int, int]:
+    """(channels, size, size) a model is timed at: ``size``, else its ``pretrained_cfg`` input size
+    (ours and timm's carry one), else 224."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    channels, _, side = cfg.get("input_size", (3, 224, 224))
+    side = size or side
+    return getattr(model, "in_chans", channels), side, side
 
 
 # ---- timing --------------------------------------------------------------------------------------

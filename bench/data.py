@@ -24,6 +24,13 @@ in ``--rounds`` interleaved rounds (every variant once per round); the median is
 wall-clock img/s after the first batch, and the workers' CPU seconds per image (their rusage
 once they have exited), i.e. img/s per busy core.
 
+*Training feed* (``--train MODEL``): training steps of MODEL fed by the ``paper-defer`` loader
+(the largest ``--workers``, pinned memory, the device stage on ``--device``, as ``python -m train``
+feeds them) against the same steps on one synthetic batch already on the device, in one run.
+The step is ``bench throughput``'s: ``train-bf16`` on CUDA (one-process FSDP2, compiled blocks,
+as ``train`` runs on one GPU), the fp32 ``train`` step on a CPU. If the fed rate is well under
+the synthetic one, the loader does not keep up.
+
 Without ``--data-path`` a set of ImageNet-like JPEGs is generated once and cached
 (``--cache-dir``): photo-like 1/f colour textures, ``--image-size`` (default 500×375, alternating
 landscape and portrait), JPEG quality 90 (about 90 KB each at 500×375).
@@ -71,6 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5, help="interleaved per-core rounds (default 5)")
     p.add_argument("--baseline", action="store_true",
                    help="also run today's step-by-step pipelines (fast=False), interleaved")
+    p.add_argument("--train", metavar="MODEL", default=None,
+                   help="also time training steps of MODEL fed by the paper-defer loader against a synthetic "
+                        "batch on the device (the training feed)")
+    p.add_argument("--train-steps", type=int, default=20, help="timed steps of each feed (default 20)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
@@ -206,6 +217,55 @@ def _device_stage_rate(dataset, indices: list[int], batch_size: int, rounds: int
     return out
 
 
+def _training_feed(dataset, indices: list[int], args, device: torch.device) -> dict:
+    """Training img/s of ``args.train`` fed by the loader against the same step on a synthetic batch
+    already on the device (see the module docstring): synthetic, fed, synthetic again."""
+    from train.data import collate_skip_corrupt
+
+    from .common import create_model
+    from .throughput import COMPILE_LIMITS, build_step, process_group
+
+    name, model = create_model(args.train)
+    mode = "train-bf16" if device.type == "cuda" else "train"
+    batch, workers, steps = args.batch_size, max(args.workers), args.train_steps
+    x = torch.randn(batch, model.in_chans, args.input_size, args.input_size, device=device)
+    warmup = 3  # compilation, the workers' start, the allocator
+
+    def synthetic(step) -> float:
+        for _ in range(warmup):
+            step()
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        return steps * batch / (time.perf_counter() - t0)
+
+    def fed(step) -> float:
+        items = [(indices[k % len(indices)], 31 + k) for k in range((warmup + steps) * batch)]
+        loader = DataLoader(dataset, batch_size=batch, sampler=items, num_workers=workers,
+                            collate_fn=collate_skip_corrupt, pin_memory=device.type == "cuda", drop_last=True,
+                            prefetch_factor=4 if workers else None)
+        n = 0
+        for k, (images, targets, _) in enumerate(loader):
+            if k == warmup:
+                synchronize(device)
+                t0 = time.perf_counter()
+            images = dataset.transform.device_stage(images, device)
+            step(images, targets.to(device, non_blocking=True))
+            n += images.shape[0] if k >= warmup else 0
+        synchronize(device)
+        return n / (time.perf_counter() - t0)
+
+    with process_group(device, mode == "train-bf16") as env, torch._dynamo.config.patch(**COMPILE_LIMITS):
+        step = build_step(mode, model.to(device), None, x, device, env)
+        rates = [synthetic(step), fed(step), synthetic(step)]
+    best_synthetic = max(rates[0], rates[2])
+    return dict(model=name, mode=mode, batch=batch, workers=workers, steps=steps,
+                device=device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
+                synthetic_img_s=rates[0::2], fed_img_s=rates[1], fed_fraction=rates[1] / best_synthetic)
+
+
 # ---- the command ---------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> dict:
@@ -261,6 +321,14 @@ def run(args: argparse.Namespace) -> dict:
                                    args.batch_size, args.rounds, device)
         torch.set_num_threads(1)
 
+    feed = None
+    if args.train:
+        device = pick_device(args.device)
+        torch.set_num_threads(threads)
+        ds = datasets.get("paper-defer") or builders["paper-defer"](True)
+        feed = _training_feed(ds, _subset(ds, args.images), args, device)
+        torch.set_num_threads(1)
+
     loaders = []
     for workers in args.workers:
         for r in range(2):  # two interleaved passes per worker count
@@ -299,9 +367,14 @@ def run(args: argparse.Namespace) -> dict:
           f"Python {info['python']}, {info['date']}")
     print(f"data: {train_dir} (train pipelines), {eval_dir} (eval)")
     print(format_table(rows, columns))
+    if feed:
+        print(f"training feed, {feed['model']} {feed['mode']} batch {feed['batch']} on {feed['device']}: "
+              f"{feed['fed_img_s']:.1f} img/s from the loader ({feed['workers']} workers) against "
+              f"{' / '.join(f'{r:.1f}' for r in feed['synthetic_img_s'])} img/s on a synthetic batch "
+              f"(before / after): {100 * feed['fed_fraction']:.0f} % fed")
     result = dict(command="data", machine=info, data=dict(train=str(train_dir), eval=str(eval_dir)),
                   args={k: v for k, v in vars(args).items() if k != "func"}, rows=rows,
-                  per_core=per_core, loaders=loaders, device_stage=stage)
+                  per_core=per_core, loaders=loaders, device_stage=stage, training_feed=feed)
     if args.json:
         write_json(args.json, result)
     return result

@@ -9,21 +9,37 @@ optimized           ``stvit.optimize(model, compile=False)``: the family's foldi
 compiled            ``stvit.optimize(model)``: + ``torch.compile``; on CUDA + CUDA graphs
 compiled-bf16       ``stvit.optimize(model, torch.bfloat16)``: + bf16 autocast
 train               one fp32 training step: forward, cross-entropy, backward, AdamW
-train-compiled      the same with every block compiled (``repeated_blocks()``, as ``train --compile``)
+train-compiled      the same with every block compiled, as ``train --compile`` on one process
+train-bf16          one step as ``train --precision bf16 --compile`` runs it on one GPU: every block
+                    compiled, then FSDP2 per block and root (bf16 parameters, fp32 reduction and
+                    BatchNorm) on a one-process group (NCCL on CUDA, gloo on CPU)
 authors             the authors' STViT (same weights, output checked equal), fp32 eval
-authors-amp         the authors' STViT under bf16 autocast (their AMP)
+authors-amp         the authors' STViT under their AMP: their ``engine.py`` runs the model in
+                    ``torch.cuda.amp.autocast()``, fp16 on CUDA. On a CPU that autocast does
+                    nothing; we run bf16 autocast there, so both sides are mixed precision
 authors-train       the authors' STViT, one fp32 training step
+authors-train-amp   their AMP training step: autocast as above, then on CUDA a ``GradScaler``
+                    (their ``NativeScaler``) scales the loss, unscales and steps AdamW
 ==================  =============================================================================
+
+The ``dtype`` field of a row says what ran: ``fp16`` for the authors' AMP on CUDA. "× authors" is a
+row's throughput over the authors' mode of the same kind: fp32 over ``authors`` / ``authors-train``,
+our bf16 over their AMP (``compiled-bf16`` over ``authors-amp``, ``train-bf16`` over
+``authors-train-amp``).
 
 FLOPs per image are 2 × the forward MACs (``stvit.count_macs``); a training step counts 3× the
 forward (backward ≈ 2× forward). Utilisation (MFU) is achieved FLOP/s over the matmul peak
-measured in the same run (fp32 peak for fp32 modes, bf16 peak for bf16 modes). On a CPU that
-emulates bf16 (``stvit.precision.native_bf16``) the bf16 matmul peak means nothing — the model's bf16
+measured in the same run, in the row's own dtype (fp32, bf16, fp16: an fp16 matmul is timed
+rather than assuming its peak equals bf16's). On a CPU that emulates bf16
+(``stvit.precision.native_bf16``) the bf16 matmul peak means nothing — the model's bf16
 convolutions may beat an emulated matmul — so bf16 rows are measured against the fp32 peak there,
 and the run warns.
 
-Any registered model runs in the ``eager``…``train-compiled`` modes; the ``authors*`` modes time the
-authors' STViT code and take STViT models only.
+Any registered model runs in the non-``authors`` modes, and so does a timm model named
+``timm:NAME`` (``timm:convnext_tiny``; built untrained with 1000 classes, at its own input size,
+when timm is installed): the same precision, compilation and batch, its blocks found by
+``stvit.contract.blocks_of``. The ``authors*`` modes time the authors' STViT code: they run for the
+STViT models of a run and are left out for the others (at least one model must be STViT's).
 """
 
 from __future__ import annotations
@@ -33,37 +49,50 @@ import copy
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 import stvit
 from stvit import precision
 from stvit.optimize import optimize
+from train import distributed
 
-from .authors import authors_config, load_authors_twin
-from .common import (MEMORY_METHOD, BenchError, format_table, machine_info, matmul_peak_flops, mib, peak_memory,
-                     pick_device, summarize, synchronize, write_json)
+from .authors import authors_config, has_authors_twin, load_authors_twin
+from .common import (MEMORY_METHOD, BenchError, create_model, format_table, input_shape, machine_info,
+                     matmul_peak_flops, mib, peak_memory, pick_device, summarize, synchronize, write_json)
 
-MODES = ("eager", "eager-amp", "optimized", "compiled", "compiled-bf16", "train", "train-compiled",
-         "authors", "authors-amp", "authors-train")
-BF16_MODES = {"eager-amp", "compiled-bf16", "authors-amp"}
-TRAIN_MODES = {"train", "train-compiled", "authors-train"}
+MODES = ("eager", "eager-amp", "optimized", "compiled", "compiled-bf16", "train", "train-compiled", "train-bf16",
+         "authors", "authors-amp", "authors-train", "authors-train-amp")
+BF16_MODES = {"eager-amp", "compiled-bf16", "train-bf16"}
+AUTHORS_AMP_MODES = {"authors-amp", "authors-train-amp"}  # fp16 on CUDA, bf16 on a CPU
+TRAIN_MODES = {"train", "train-compiled", "train-bf16", "authors-train", "authors-train-amp"}
+# Each mode × batch × dtype × stage width is its own static-shape graph of the same block code. Past
+# dynamo's default of 8 graphs per code the rest would run eagerly, timed as if compiled: allow them
+# all, and fail rather than time an eager fallback.
+COMPILE_LIMITS = dict(recompile_limit=256, fail_on_recompile_limit_hit=True)
 # Which authors' mode each of ours is compared with.
 BASELINE = {"eager": "authors", "optimized": "authors", "compiled": "authors", "eager-amp": "authors-amp",
-            "compiled-bf16": "authors-amp", "train": "authors-train", "train-compiled": "authors-train"}
+            "compiled-bf16": "authors-amp", "train": "authors-train", "train-compiled": "authors-train",
+            "train-bf16": "authors-train-amp"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=["stvit_small"],
-                   help="registered model names, side by side (default: stvit_small)")
+                   help="registered model names, or timm:NAME for a timm model (timm installed), side by side "
+                        "(default: stvit_small)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
                    help="batch sizes (default: 8 on CPU, 256 on CUDA)")
+    p.add_argument("--train-batch-sizes", nargs="+", type=int, default=None,
+                   help="batch sizes of the training modes, when they differ (default: --batch-sizes)")
     p.add_argument("--size", type=int, default=None, help="square input size (default: each model's own)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=None,
-                   help="modes to run (default: eager compiled compiled-bf16 train, plus authors authors-amp "
-                        "authors-train with --authors-code)")
+                   help="modes to run (default: eager compiled compiled-bf16 train train-bf16, plus authors "
+                        "authors-amp authors-train authors-train-amp with --authors-code; the bf16 and "
+                        "authors-train-amp modes only where bf16 is native)")
     p.add_argument("--authors-code", metavar="PATH", help="the authors' models/stvit.py (github.com/hhb072/STViT)")
     p.add_argument("--runs", type=int, default=5, help="timed rounds; each round runs every mode once (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls, compilation included (default: 2)")
@@ -72,12 +101,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def default_modes(device: torch.device, authors: bool) -> list[str]:
-    """eager, compiled, compiled-bf16 (where bf16 is native: emulated it is many times slower), train;
-    with the authors' code their eval, AMP and training modes too."""
-    modes = ["eager", "compiled"] + (["compiled-bf16"] if precision.native_bf16(device) else []) + ["train"]
+    """eager, compiled, train, and where bf16 is native (emulated it is many times slower) compiled-bf16
+    and train-bf16; with the authors' code their eval, AMP and training modes too."""
+    native = precision.native_bf16(device)
+    modes = ["eager", "compiled", "compiled-bf16", "train", "train-bf16"]
     if authors:
-        modes += ["authors", "authors-amp", "authors-train"]
-    return modes
+        modes += ["authors", "authors-amp", "authors-train", "authors-train-amp"]
+    slow_when_emulated = {"compiled-bf16", "train-bf16", "authors-train-amp"}
+    return [m for m in modes if native or m not in slow_when_emulated]
+
+
+def mode_dtype(mode: str, device: torch.device) -> torch.dtype:
+    """The dtype ``mode`` computes in on ``device``: the authors' AMP is fp16 on CUDA, as their
+    ``torch.cuda.amp.autocast()`` is; on a CPU, where that autocast does nothing, bf16 autocast."""
+    if mode in AUTHORS_AMP_MODES:
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.bfloat16 if mode in BF16_MODES else torch.float32
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -87,38 +126,41 @@ def run(args: argparse.Namespace) -> dict:
         raise BenchError("the authors* modes need --authors-code PATH/TO/models/stvit.py "
                          "(a checkout of github.com/hhb072/STViT)")
     batch_sizes = args.batch_sizes or ([256] if device.type == "cuda" else [8])
-    names = [stvit.resolve_name(n) for n in args.models]
-    authors = any(m.startswith("authors") for m in modes)
-    if authors:
-        for name in names:
-            authors_config(name)  # before anything runs: their code is STViT's
-    peaks = {torch.float32: matmul_peak_flops(device, torch.float32)}
-    bf16_peak = BF16_MODES & set(modes) and precision.native_bf16(device)
-    if bf16_peak:
-        peaks[torch.bfloat16] = matmul_peak_flops(device, torch.bfloat16)
-    elif BF16_MODES & set(modes):
-        warnings.warn("bf16 is emulated on this CPU (no AVX512-BF16/AMX): bf16 modes run many times slower "
-                      "than fp32 and their MFU is given against the fp32 matmul peak", precision.EmulatedBF16Warning)
+    train_batch_sizes = args.train_batch_sizes or batch_sizes
+    models = [create_model(name) for name in args.models]
+    # Their code is STViT's: the authors* modes time the STViT models of the run, the others (a peer
+    # family, a timm model) run without them, and a run with no STViT model is refused before anything runs.
+    wants_authors = any(m.startswith("authors") for m in modes)
+    twins = {name for name, _ in models if wants_authors and has_authors_twin(name)}
+    if wants_authors and not twins:
+        authors_config(models[0][0])  # its message: not an STViT model, drop it or the authors* modes
+    peaks = measure_peaks(device, {mode_dtype(m, device) for m in modes})
 
-    cases = []  # every (model, batch, mode) of the run, timed together below
-    for canonical in names:
-        torch.manual_seed(0)
-        ours = stvit.create_model(canonical).to(device).eval()
-        size = args.size or ours.pretrained_cfg["input_size"][-1]
-        theirs = None
-        if authors:
-            theirs = load_authors_twin(args.authors_code, ours, authors_config(canonical)).to(device).eval()
-        flops_per_image = 2 * stvit.count_macs(ours, (ours.in_chans, size, size))
-        for batch in batch_sizes:
-            x = torch.randn(batch, ours.in_chans, size, size, device=device)
-            ours.check_input(x)  # a size the model cannot take: its message, before any timing
-            for mode in modes:
-                dtype = torch.bfloat16 if mode in BF16_MODES else torch.float32
-                flops = flops_per_image * (3 if mode in TRAIN_MODES else 1)
-                cases.append(dict(model=canonical, batch=batch, size=size, mode=mode, dtype=precision.name_of(dtype),
-                                  gflop_per_img=flops / 1e9, step=build_step(mode, ours, theirs, x, device)))
+    with process_group(device, "train-bf16" in modes) as env, torch._dynamo.config.patch(**COMPILE_LIMITS):
+        cases = []  # every (model, batch, mode) of the run, timed together below
+        for name, ours in models:
+            ours = ours.to(device).eval()
+            shape = input_shape(ours, args.size)
+            theirs = None
+            if name in twins:
+                theirs = load_authors_twin(args.authors_code, ours, authors_config(name)).to(device).eval()
+            flops_per_image = 2 * stvit.count_macs(ours, shape)
+            for batch in dict.fromkeys(batch_sizes + train_batch_sizes):
+                x = torch.randn(batch, *shape, device=device)
+                if hasattr(ours, "check_input"):
+                    ours.check_input(x)  # a size the model cannot take: its message, before any timing
+                for mode in modes:
+                    if batch not in (train_batch_sizes if mode in TRAIN_MODES else batch_sizes):
+                        continue
+                    if mode.startswith("authors") and theirs is None:
+                        continue
+                    flops = flops_per_image * (3 if mode in TRAIN_MODES else 1)
+                    cases.append(dict(model=name, batch=batch, size=shape[-1], mode=mode,
+                                      dtype=precision.name_of(mode_dtype(mode, device)), gflop_per_img=flops / 1e9,
+                                      step=build_step(mode, ours, theirs, x, device, env)))
+        timings = measure(cases, device, args)
     rows = []
-    for case, timing in zip(cases, measure(cases, device, args)):
+    for case, timing in zip(cases, timings):
         row = {k: v for k, v in case.items() if k != "step"} | timing
         achieved = row["img_per_s"] * row["gflop_per_img"] * 1e9
         rows.append(dict(row, achieved_gflops=achieved / 1e9, mfu=achieved / peaks[_peak_dtype(row, peaks)]))
@@ -143,13 +185,43 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def measure_peaks(device: torch.device, dtypes: set[torch.dtype]) -> dict[torch.dtype, float]:
+    """The matmul peak of fp32 and of each other dtype the run computes in, except emulated bf16."""
+    peaks = {torch.float32: matmul_peak_flops(device, torch.float32)}
+    for dtype in (torch.bfloat16, torch.float16):
+        if dtype not in dtypes:
+            continue
+        if dtype == torch.bfloat16 and not precision.native_bf16(device):
+            warnings.warn("bf16 is emulated on this CPU (no AVX512-BF16/AMX): bf16 modes run many times slower "
+                          "than fp32 and their MFU is given against the fp32 matmul peak",
+                          precision.EmulatedBF16Warning)
+            continue
+        peaks[dtype] = matmul_peak_flops(device, dtype)
+    return peaks
+
+
 def _peak_dtype(row: dict, peaks: dict) -> torch.dtype:
     """The matmul peak a row's MFU is measured against: its own dtype's, else (emulated bf16) fp32's."""
-    dtype = precision.DTYPES[row["dtype"]]
+    dtype = precision.NAMES[row["dtype"]]
     return dtype if dtype in peaks else torch.float32
 
 
-COLUMNS = [("model", "model"), ("batch", "batch"), ("mode", "mode"), ("img_per_s", "img/s"),
+@contextmanager
+def process_group(device: torch.device, needed: bool):
+    """The one-process group ``train-bf16`` shards in (as ``train`` makes on one GPU), ended after the
+    run if this run started it; yields its ``DistEnv`` (None when not ``needed``)."""
+    if not needed:
+        yield None
+        return
+    started = not dist.is_initialized()
+    try:
+        yield distributed.one_process_group(device)
+    finally:
+        if started:
+            distributed.shutdown()
+
+
+COLUMNS = [("model", "model"), ("batch", "batch"), ("mode", "mode"), ("dtype", "dtype"), ("img_per_s", "img/s"),
            ("img_per_s_min", "img/s (slowest)"), ("img_per_s_max", "img/s (fastest)"), ("peak_mib", "peak MiB"),
            ("mfu", "MFU"), ("speedup", "× authors"), ("compile_s", "warm-up s")]
 
@@ -194,43 +266,62 @@ def measure(cases: list[dict], device: torch.device, args: argparse.Namespace) -
     return results
 
 
-def build_step(mode: str, ours: nn.Module, theirs: nn.Module | None, x: torch.Tensor,
-               device: torch.device) -> Callable[[], object]:
-    """A zero-argument callable running one batch in ``mode``; its ``.model`` is the module it runs."""
+def build_step(mode: str, ours: nn.Module, theirs: nn.Module | None, x: torch.Tensor, device: torch.device,
+               env: distributed.DistEnv | None = None) -> Callable[[], object]:
+    """A zero-argument callable running one batch in ``mode``; its ``.model`` is the module it runs.
+    ``env``: the process group ``train-bf16`` shards in (``process_group``)."""
+    dtype = mode_dtype(mode, device)
     if mode in ("eager", "authors", "eager-amp", "authors-amp"):
-        model = ours if mode.startswith("eager") else theirs
-        amp = precision.autocast(device, torch.bfloat16 if mode.endswith("-amp") else torch.float32)
+        model = theirs if mode.startswith("authors") else ours
+        amp = precision.autocast(device, dtype)
 
         def step():
             with torch.no_grad(), amp:
                 return model(x)
     elif mode in ("optimized", "compiled", "compiled-bf16"):
-        fast = optimize(ours, "bf16" if mode == "compiled-bf16" else "fp32", compile=mode != "optimized")
+        fast = optimize(ours, dtype, compile=mode != "optimized")
         model = fast.model
 
         def step():
             return fast(x)
     elif mode in TRAIN_MODES:
-        model = copy.deepcopy(theirs if mode == "authors-train" else ours).train()
-        if mode == "train-compiled":
-            for block in model.repeated_blocks():
-                block.compile(dynamic=False)
-        step = train_step(model, x)
+        model = copy.deepcopy(theirs if mode.startswith("authors") else ours).train()
+        if mode == "train-compiled":  # train's own wrapping, one process without FSDP2
+            model = distributed.prepare_model(model, distributed.DistEnv(device=device), compile_blocks=True)
+        elif mode == "train-bf16":
+            if env is None:
+                raise BenchError("train-bf16 needs the process group of process_group(device, True)")
+            model = distributed.prepare_model(model, env, compile_blocks=True, bf16=True)
+        # train-bf16 computes in bf16 through FSDP2's policy, not autocast; the others autocast to their dtype
+        amp = nullcontext() if mode == "train-bf16" else precision.autocast(device, dtype)
+        # fp16 underflows without loss scaling: their NativeScaler is torch's GradScaler (bf16 needs none)
+        scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        step = train_step(model, x, amp, scaler)
     else:
         raise BenchError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     step.model = model
     return step
 
 
-def train_step(model: nn.Module, x: torch.Tensor) -> Callable[[], float]:
+def train_step(model: nn.Module, x: torch.Tensor, amp: AbstractContextManager,
+               scaler: torch.amp.GradScaler | None = None) -> Callable[..., torch.Tensor]:
+    """One step: forward and loss under ``amp``, backward, AdamW; with ``scaler`` the loss is scaled
+    and the gradients unscaled before the step, as their engine's NativeScaler does. It trains on
+    ``x`` and fixed targets, or on the ``(images, targets)`` it is given (``bench data``'s feed)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     target = torch.randint(0, model.num_classes, (x.shape[0],), device=x.device,
                            generator=torch.Generator(x.device).manual_seed(0))
 
-    def step():
+    def step(images: torch.Tensor = x, targets: torch.Tensor = target):
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), target)
-        loss.backward()
-        optimizer.step()
+        with amp:
+            loss = F.cross_entropy(model(images).float(), targets)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         return loss
     return step

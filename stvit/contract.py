@@ -13,7 +13,8 @@ A model (``stvit.create_model(name)`` or a family class built directly) answers:
                                       parameters and biases (which the trainer always exempts)
 ``set_grad_checkpointing(enable)``    recompute block activations in backward
 ``repeated_blocks()``                 the blocks ``train`` compiles and FSDP2 shards one by one
-                                      (torchtitan's ``model.layers``)
+                                      (torchtitan's ``model.layers``); :func:`blocks_of` asks for
+                                      them, and finds them in a model from outside the zoo
 ``check_input(x)``                    a clear ``ValueError`` for an input the model cannot take
 ``training_loss(x, soft_targets,      the training objective for (B, num_classes) soft targets;
 rng)``                                default: soft-target cross-entropy of ``forward(x)``. A family
@@ -74,6 +75,26 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The blocks to compile and shard one by one: the model's ``repeated_blocks()``, or for a
+    model from outside the zoo (a timm model timed beside ours) timm's layout: the entries of every
+    outermost ``blocks`` container (ConvNeXt's ``stages[i].blocks``, Swin's ``layers[i].blocks``,
+    ViT's ``blocks``)."""
+    if callable(getattr(model, "repeated_blocks", None)):
+        return model.repeated_blocks()
+    blocks, found = [], []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(f"{outer}.") for outer in found)
+        if not inside and name.rsplit(".", 1)[-1] == "blocks" and isinstance(module, (nn.Sequential, nn.ModuleList)):
+            found.append(name)
+            blocks += list(module)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no repeated_blocks() and no `blocks` containers (timm's "
+                         f"layout) to compile and shard one by one; give it a repeated_blocks() method "
+                         f"returning its blocks")
+    return blocks
 
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:

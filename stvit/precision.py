@@ -22,6 +22,9 @@ import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# fp16 is no precision of ours (it needs loss scaling; bf16 does not), only a name for what others'
+# code runs: the authors' AMP is fp16 autocast on CUDA (``bench throughput``'s authors-amp modes).
+NAMES = {**DTYPES, "fp16": torch.float16}
 
 
 class EmulatedBF16Warning(UserWarning):
@@ -49,11 +52,11 @@ def resolve(precision: str | torch.dtype, device: torch.device | str) -> torch.d
 
 
 def name_of(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
+    return {v: k for k, v in NAMES.items()}[dtype]
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype) -> AbstractContextManager:
-    """bf16 autocast for ``dtype=torch.bfloat16``, a no-op context for float32."""
+    """Autocast to ``dtype`` (bf16, or fp16 for the authors' AMP), a no-op context for float32."""
     device = torch.device(device)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 

@@ -2,6 +2,10 @@
 
 import json
 import os
+import subprocess
+import sys
+import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ from bench import __main__ as cli
 from bench.authors import AuthorsCodeError, check_same_output, import_authors_module, load_authors_twin
 from bench.common import format_table, peak_memory, summarize, write_json
 from bench.plot import Panel, Series, save_loglog
+from stvit import precision
 
 # The authors' models/stvit.py is not part of this project; these tests use a local copy if there is one.
 AUTHORS_CODE = Path(os.environ.get("STVIT_AUTHORS_CODE", "/tmp/stvit-authors/models/stvit.py"))
@@ -82,6 +87,7 @@ def test_throughput_json_fields(tmp_path):
     result = json.loads(out.read_text())
     assert {"command", "machine", "memory_method", "matmul_peak_gflops", "rows"} <= set(result)
     assert result["machine"]["threads"] == 2
+    assert result["machine"]["device_name"] == result["machine"]["cpu"]  # on CUDA: the GPU's name
     # Two families side by side, each at its own input size (SG-Former's is fixed).
     assert [(r["model"], r["size"]) for r in result["rows"]] == [("stvit_tiny", 224)] * 3 + [("sgformer_tiny", 56)] * 3
     assert [r["mode"] for r in result["rows"]] == ["eager", "optimized", "train"] * 2
@@ -101,7 +107,11 @@ def test_throughput_authors_modes_need_the_code():
     with pytest.raises(SystemExit, match="--authors-code"):
         cli.main(["throughput", "--default-allocator", "--models", "tiny", "--modes", "authors"])
     with pytest.raises(SystemExit, match="sgformer_tiny is not an STViT model"):
-        cli.main(["throughput", "--default-allocator", "--models", "tiny", "sgformer_tiny", "--modes", "authors",
+        cli.main(["throughput", "--default-allocator", "--models", "sgformer_tiny", "--modes", "authors",
+                  "--authors-code", "/nonexistent/stvit.py"])
+    # Beside an STViT model a peer runs without the authors* modes: the run goes on to read their code.
+    with pytest.raises(SystemExit, match="/nonexistent/stvit.py"):
+        cli.main(["throughput", "--default-allocator", "--models", "sgformer_tiny", "tiny", "--modes", "authors",
                   "--authors-code", "/nonexistent/stvit.py"])
 
 
@@ -119,6 +129,31 @@ def test_throughput_against_the_authors(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     eager, authors = rows
     assert eager["speedup"] == pytest.approx(eager["img_per_s"] / authors["img_per_s"])
+
+
+def test_authors_amp_is_fp16_on_cuda_as_their_engine_runs_it():
+    """Their engine.py autocasts with torch.cuda.amp.autocast(): fp16. On a CPU, where that does
+    nothing, we run bf16 autocast; our own mixed-precision modes are bf16 everywhere."""
+    from bench.throughput import mode_dtype
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [mode_dtype(m, cuda) for m in ("authors-amp", "authors-train-amp")] == [torch.float16] * 2
+    assert [mode_dtype(m, cpu) for m in ("authors-amp", "authors-train-amp")] == [torch.bfloat16] * 2
+    assert [mode_dtype(m, cuda) for m in ("compiled-bf16", "train-bf16")] == [torch.bfloat16] * 2
+    assert mode_dtype("authors-train", cuda) == torch.float32
+
+
+@needs_authors
+def test_throughput_authors_amp_modes(tmp_path):
+    out = tmp_path / "tp.json"
+    with warnings.catch_warnings():  # bf16 is emulated on most CPUs: slow and said so, not an error here
+        warnings.simplefilter("ignore", precision.EmulatedBF16Warning)
+        cli.main(["throughput", "--default-allocator", "--device", "cpu", "--threads", "2", "--models", "tiny",
+                  "--size", "32", "--batch-sizes", "2", "--modes", "authors-amp", "authors-train-amp", "--runs", "1",
+                  "--warmup", "1", "--authors-code", str(AUTHORS_CODE), "--json", str(out)])
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert all(set(r) == THROUGHPUT_FIELDS for r in rows.values())
+    assert rows["authors-amp"]["dtype"] == rows["authors-train-amp"]["dtype"] == "bf16"  # on a CPU
+    assert rows["authors-train-amp"]["gflop_per_img"] == pytest.approx(3 * rows["authors-amp"]["gflop_per_img"])
 
 
 @needs_authors
@@ -253,3 +288,164 @@ def test_emulated_bf16_is_measured_against_the_fp32_peak(tmp_path, monkeypatch):
     assert "compiled-bf16" not in default_modes(torch.device("cpu"), authors=False)
     monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     assert "compiled-bf16" in default_modes(torch.device("cpu"), authors=False)
+
+
+# ---- timm models beside ours (timm is not installed here: a stand-in with timm's layout) ----------
+
+class _ToyBlock(torch.nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv2d(dim, dim, 3, padding=1), torch.nn.BatchNorm2d(dim)
+
+    def forward(self, x):
+        return x + torch.relu(self.norm(self.conv(x)))
+
+
+class _ToyStage(torch.nn.Module):
+    def __init__(self, dim: int, depth: int):
+        super().__init__()
+        self.blocks = torch.nn.Sequential(*[_ToyBlock(dim) for _ in range(depth)])
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+class _ToyTimmModel(torch.nn.Module):
+    """timm's layout: ``stages[i].blocks``, ``num_classes``, a ``pretrained_cfg`` dict; no contract methods."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes, self.pretrained_cfg = num_classes, {"input_size": (3, 16, 16)}
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.stages = torch.nn.Sequential(_ToyStage(8, 2), _ToyStage(8, 1))
+        self.head = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(self.stages(self.stem(x)).mean((2, 3)))
+
+
+@pytest.fixture
+def fake_timm(monkeypatch):
+    """A module named timm whose create_model builds _ToyTimmModel for "toy" (and records its calls)."""
+    calls = []
+
+    def create_model(name, **kwargs):
+        calls.append((name, kwargs))
+        if name != "toy":
+            raise RuntimeError(f"Unknown model ({name})")  # timm's message
+        return _ToyTimmModel(kwargs.get("num_classes", 1000))
+
+    module = types.ModuleType("timm")
+    module.create_model = create_model
+    monkeypatch.setitem(sys.modules, "timm", module)
+    return calls
+
+
+def test_timm_models_run_in_our_modes(tmp_path, fake_timm):
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+    frames = dict(counters["frames"])
+    out = tmp_path / "tp.json"
+    # train-compiled and train-bf16 compile the same block code twice (fp32, bf16): past a recompile
+    # limit of 1 the second would run eagerly unless the bench lifts the limit
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=1):
+        warnings.simplefilter("ignore", precision.EmulatedBF16Warning)
+        cli.main(["throughput", "--default-allocator", "--device", "cpu", "--threads", "2", "--models", "timm:toy",
+                  "--batch-sizes", "2", "--train-batch-sizes", "3", "--modes", "eager", "compiled", "train-compiled",
+                  "train-bf16", "--runs", "1", "--warmup", "1", "--json", str(out)])
+    assert fake_timm == [("toy", dict(pretrained=False, num_classes=1000))]
+    compiled = {k: counters["frames"][k] - frames.get(k, 0) for k in ("total", "ok")}
+    assert compiled["ok"] == compiled["total"] > 0  # every frame compiled, none left to run eagerly
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["mode"], r["dtype"], r["batch"]) for r in rows] == [
+        ("timm:toy", "eager", "fp32", 2), ("timm:toy", "compiled", "fp32", 2),
+        ("timm:toy", "train-compiled", "fp32", 3), ("timm:toy", "train-bf16", "bf16", 3)]
+    for r in rows:
+        assert set(r) == THROUGHPUT_FIELDS and r["img_per_s"] > 0 and r["speedup"] is None
+        assert r["size"] == 16  # the model's pretrained_cfg input size
+    macs = stvit.count_macs(_ToyTimmModel(1000), (3, 16, 16))
+    assert rows[0]["gflop_per_img"] == pytest.approx(2 * macs / 1e9)
+    assert not dist.is_initialized()  # the run ended the process group it started for train-bf16
+
+    with pytest.raises(SystemExit, match="timm:toy is not an STViT model"):
+        cli.main(["throughput", "--default-allocator", "--models", "timm:toy", "--modes", "authors",
+                  "--authors-code", "/nonexistent/stvit.py"])
+    with pytest.raises(SystemExit, match=r"timm:tiny_vit_xxl: Unknown model \(tiny_vit_xxl\); timm.list_models"):
+        cli.main(["throughput", "--default-allocator", "--models", "timm:tiny_vit_xxl"])
+
+
+def test_missing_timm_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm fails, as where it is not installed
+    with pytest.raises(SystemExit, match="timm:convnext_tiny needs timm, which does not import here .*: pip install"):
+        cli.main(["throughput", "--default-allocator", "--models", "timm:convnext_tiny", "--modes", "eager"])
+
+
+def test_blocks_of_a_model_outside_the_zoo():
+    """The contract's repeated_blocks() where a model has it, else the entries of timm's outermost
+    `blocks` containers; neither: an error saying what to add."""
+    from stvit.contract import blocks_of
+    model = _ToyTimmModel(5)
+    assert blocks_of(model) == [*model.stages[0].blocks, *model.stages[1].blocks]
+    ours = stvit.create_model("tiny")
+    assert blocks_of(ours) == ours.repeated_blocks()
+    with pytest.raises(ValueError, match="no repeated_blocks"):
+        blocks_of(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_train_bf16_trains_an_fsdp2_model_and_the_authors_scaler_steps():
+    """train-bf16 is train's FSDP2 wrapping (every block and the root, bf16 compute) on a one-process
+    group, and its step learns; the fp16 step with a GradScaler (the authors' AMP on CUDA) learns too."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from stvit.contract import blocks_of
+    from train import distributed
+    from bench.throughput import build_step, process_group, train_step
+
+    torch.manual_seed(0)
+    model = _ToyTimmModel(5).eval()
+    before = model.head.weight.detach().clone()
+    x = torch.randn(4, 3, 16, 16)
+    cpu = torch.device("cpu")
+    with warnings.catch_warnings(), process_group(cpu, True) as env:
+        warnings.simplefilter("ignore", precision.EmulatedBF16Warning)
+        assert distributed.one_process_group(cpu).mesh.size() == 1  # reused: a second init would raise
+        step = build_step("train-bf16", model, None, x, cpu, env)
+        fsdp = step.model
+        assert isinstance(fsdp, FSDPModule) and all(isinstance(b, FSDPModule) for b in blocks_of(fsdp))
+        losses = [step().item() for _ in range(4)]
+        assert losses[-1] < losses[0]
+        assert not torch.equal(fsdp.head.weight.full_tensor(), before)  # the copy trained...
+        assert torch.equal(model.head.weight, before)  # ...the caller's model did not
+        assert fsdp(x).dtype == torch.bfloat16  # computed in bf16 by FSDP2's policy
+    assert not dist.is_initialized()
+
+    scaled = _ToyTimmModel(5).train()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    step = train_step(scaled, x, precision.autocast(cpu, torch.float16), scaler)
+    losses = [step().item() for _ in range(4)]
+    assert losses[-1] < losses[0] and scaler.get_scale() == 2.0 ** 10  # no overflow, no step skipped
+
+
+def test_gpu_session_script_parses_and_carries_what_fits(tmp_path):
+    """bench/gpu_session.sh runs on a lent GPU (no CI there): here it must at least parse, and its
+    carry stage must pick the goldens that fit a call (all but tiny_a.pt) and the authors' file."""
+    root = Path(__file__).resolve().parents[1]
+    script = root / "bench" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "bench" / "gpu_session.sh").write_bytes(script.read_bytes())
+    golden = tmp_path / "golden"
+    golden.mkdir()
+    for name in ("tiny_a.pt", "tiny_b.pt", "lvt_a.pt", "official_lvt_keys.json", "lvt.md"):
+        (golden / name).write_text(name)
+    authors = tmp_path / "stvit.py"
+    authors.write_text("# theirs")
+    env = dict(os.environ, STVIT_SHARED_GOLDEN=str(golden), STVIT_AUTHORS_CODE=str(authors))
+    run = subprocess.run(["bash", "bench/gpu_session.sh", "carry"], cwd=repo, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in (repo / ".gpu" / "golden").iterdir()) == [
+        "lvt_a.pt", "official_lvt_keys.json", "tiny_b.pt"]
+    assert (repo / ".gpu" / "authors" / "models" / "stvit.py").read_text() == "# theirs"
+    bad = subprocess.run(["bash", "bench/gpu_session.sh", "warp"], cwd=repo, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown stage warp" in bad.stderr

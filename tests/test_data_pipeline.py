@@ -331,3 +331,16 @@ def _tiny_demo(root):
         for i in range(3):
             _photo(np.random.default_rng(i), 64, 64).save(root / cls / f"{i}.jpg", quality=90)
     return root
+
+
+def test_bench_data_training_feed_against_a_synthetic_batch(tmp_path):
+    out = tmp_path / "feed.json"
+    bench_cli.main(["data", "--device", "cpu", "--pipelines", "paper-defer", "--images", "8", "--image-size", "80",
+                    "60", "--input-size", "32", "--rounds", "1", "--workers", "0", "--batch-size", "4",
+                    "--train", "tiny", "--train-steps", "2", "--cache-dir", str(tmp_path / "cache"),
+                    "--json", str(out)])
+    feed = json.loads(out.read_text())["training_feed"]
+    assert (feed["model"], feed["mode"], feed["batch"], feed["workers"], feed["device"]) == (
+        "stvit_tiny", "train", 4, 0, "cpu")
+    assert feed["fed_img_s"] > 0 and len(feed["synthetic_img_s"]) == 2 and min(feed["synthetic_img_s"]) > 0
+    assert feed["fed_fraction"] == pytest.approx(feed["fed_img_s"] / max(feed["synthetic_img_s"]))

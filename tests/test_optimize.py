@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import stvit
+from stvit import precision
 from stvit.models.stvit import ResidualDepthwiseConv
 from stvit.optimize import OptimizedModel, fold_bn_conv, fold_conv_bn, optimize
 
@@ -39,9 +40,9 @@ def randomize_batchnorms(model: nn.Module) -> nn.Module:
     return model
 
 
-def micro_model(**overrides) -> stvit.STViT:
+def micro_model(device: torch.device | str = "cpu", **overrides) -> stvit.STViT:
     torch.manual_seed(0)
-    return randomize_batchnorms(stvit.STViT(**{**MICRO, **overrides})).eval()
+    return randomize_batchnorms(stvit.STViT(**{**MICRO, **overrides})).eval().to(device)
 
 
 def assert_close_to(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -111,11 +112,11 @@ def test_optimize_leaves_the_callers_model_alone():
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
-def test_optimized_eager_matches_the_model(dtype, tol):
-    model = micro_model()
+def test_optimized_eager_matches_the_model(dtype, tol, device):
+    model = micro_model(device)
     fast = optimize(model, dtype, compile=False)
     for shape in [(2, 3, 64, 64), (1, 3, 45, 37)]:  # odd sizes: padded super-token grids
-        x = torch.randn(shape)
+        x = torch.randn(shape, device=device)
         with torch.no_grad():
             ref = model(x)
         out = fast(x)
@@ -123,9 +124,9 @@ def test_optimized_eager_matches_the_model(dtype, tol):
         assert_close_to(out, ref, tol)
 
 
-def test_optimized_features_only_backbone():
-    model = micro_model(features_only=True, out_indices=(1, 3))
-    x = torch.randn(1, 3, 40, 48)
+def test_optimized_features_only_backbone(device):
+    model = micro_model(device, features_only=True, out_indices=(1, 3))
+    x = torch.randn(1, 3, 40, 48, device=device)
     with torch.no_grad():
         refs = model(x)
     outs = optimize(model, compile=False)(x)
@@ -146,29 +147,59 @@ def test_optimize_rejects_bad_arguments():
         optimize(model, compile=False)(torch.randn(3, 32, 32))
 
 
-def test_compiled_matches_eager_and_recompiles_for_a_new_shape():
+def two_stage_micro_model(device: torch.device | str = "cpu") -> stvit.STViT:
+    """A super-token stage and a global-attention stage: the fewest kernels to compile."""
+    return micro_model(device, embed_dim=[8, 16], depths=[1, 1], num_heads=[1, 2], stoken_size=[2, 1], n_iter=1,
+                       layerscale=False, checkpoint_num=0, projection=16)
+
+
+def check_compiled_per_shape(model: nn.Module, fast: OptimizedModel, device: torch.device, tol: float) -> None:
+    """Each input shape gets its own graph (on CUDA: its own CUDA graph); going back to a shape reuses
+    that shape's graph, never another's; fresh inputs give fresh, correct outputs every call."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
-    # Two stages (a super-token one and a global-attention one): the fewest kernels to compile.
-    model = micro_model(embed_dim=[8, 16], depths=[1, 1], num_heads=[1, 2], stoken_size=[2, 1], n_iter=1,
-                        layerscale=False, checkpoint_num=0, projection=16)
-    fast = optimize(model)  # fp32, torch.compile (CPU: with weight freezing)
     graphs = counters["stats"]["unique_graphs"]
-    for shape in [(2, 3, 32, 32), (1, 3, 36, 28)]:  # the second shape must recompile, not reuse the first
-        x = torch.randn(shape)
+    shapes = [(2, 3, 32, 32), (1, 3, 36, 28), (2, 3, 32, 32), (1, 3, 36, 28)]  # A, B, then A and B again
+    outputs = []
+    for shape in shapes:
+        x = torch.randn(shape, device=device)  # new data each call: a stale replay would show
         with torch.no_grad():
             ref = model(x)
-        assert_close_to(fast(x), ref, FP32_TOL)
-    assert counters["stats"]["unique_graphs"] - graphs == 2
+        out = fast(x)
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        assert_close_to(out, ref, tol)
+        outputs.append((out, out.clone()))
+    assert counters["stats"]["unique_graphs"] - graphs == 2, "one compilation per input shape, no more"
+    for out, copy_then in outputs:  # a later replay never overwrote an output already returned
+        assert torch.equal(out, copy_then)
 
 
-def test_compiled_block_trains_like_the_eager_block():
+def test_compiled_matches_eager_and_recompiles_for_a_new_shape(device):
+    torch._dynamo.reset()
+    model = two_stage_micro_model(device)
+    fast = optimize(model)  # fp32, torch.compile (CPU: with weight freezing; CUDA: + CUDA graphs)
+    assert fast.cuda_graphs == (device.type == "cuda")
+    check_compiled_per_shape(model, fast, device, FP32_TOL)
+
+
+def test_compiled_bf16_matches_eager_fp32(device):
+    """What ``bench throughput`` times as compiled-bf16: bf16 autocast + torch.compile (+ CUDA graphs
+    on CUDA), against the eager float32 model, within the bf16 tolerance."""
+    if not precision.native_bf16(device):
+        pytest.skip(f"bf16 is emulated on this {device.type} (compiling it takes minutes); run with --device cuda")
+    torch._dynamo.reset()
+    model = two_stage_micro_model(device)
+    fast = optimize(model, torch.bfloat16)
+    assert fast.dtype == torch.bfloat16 and fast.cuda_graphs == (device.type == "cuda")
+    check_compiled_per_shape(model, fast, device, BF16_TOL)
+
+
+def test_compiled_block_trains_like_the_eager_block(device):
     """``block.compile()`` (as ``train --compile`` does): no graph breaks, same outputs and gradients."""
     torch._dynamo.reset()
-    model = micro_model().train()
+    model = micro_model(device).train()
     block = model.layers[0].blocks[0]  # a super token attention block (2×2 cells)
-    x = torch.randn(2, 8, 11, 9)  # odd sides: the padded-grid path
+    x = torch.randn(2, 8, 11, 9, device=device)  # odd sides: the padded-grid path
     explanation = torch._dynamo.explain(block)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     eager = copy.deepcopy(block)
@@ -184,6 +215,27 @@ def test_compiled_block_trains_like_the_eager_block():
         assert_close_to(p.grad, q.grad, FP32_TOL)
 
 
+def test_train_compile_keeps_every_block_shape_compiled(monkeypatch):
+    """``train --compile``: both stages' blocks (one code object) × 5 shapes and modes are 10 graphs,
+    past dynamo's default limit of 8 per code, beyond which blocks would run eagerly, silently slow."""
+    from torch._dynamo.utils import counters
+
+    from train.distributed import DistEnv, prepare_model
+
+    torch._dynamo.reset()
+    compile_block = nn.Module.compile  # dynamo's graphs only: the limit is dynamo's, inductor is slow here
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compile_block(self, backend="eager", **kw))
+    # From dynamo's default limit (monkeypatch cannot restore a torch config entry; patch() can).
+    with torch._dynamo.config.patch(recompile_limit=8):
+        model = prepare_model(two_stage_micro_model().train(), DistEnv(), compile_blocks=True)
+        graphs = counters["stats"]["unique_graphs"]
+        for training, batch in [(True, 4), (True, 3), (True, 2), (False, 5), (False, 1)]:
+            model.train(training)
+            with torch.set_grad_enabled(training):
+                model(torch.randn(batch, 3, 32, 32))
+    assert counters["stats"]["unique_graphs"] - graphs == 2 * 5
+
+
 def test_optimized_model_records_what_the_family_folded():
     model = micro_model()
     fast = optimize(model, compile=False)
@@ -196,8 +248,6 @@ def test_optimized_model_records_what_the_family_folded():
 
 
 def test_one_precision_notion_and_the_emulated_bf16_warning(monkeypatch):
-    from stvit import precision
-
     cpu = torch.device("cpu")
     assert precision.resolve("auto", cpu) == torch.float32 and precision.resolve("fp32", cpu) == torch.float32
     with pytest.raises(ValueError, match="auto, fp32, bf16"):

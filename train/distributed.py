@@ -2,8 +2,9 @@
 
 * Launched by ``torchrun`` (``WORLD_SIZE`` set): a process group (NCCL on GPU, gloo on CPU), one
   device per process, the model sharded with FSDP2 — also when ``--nproc_per_node 1``.
-* ``python -m train`` on a machine with a GPU: a one-process group (in-memory store, no network)
-  and the same FSDP2 path, so bf16 mixed precision comes from the same policy.
+* ``python -m train`` on a machine with a GPU: a one-process group (``one_process_group``: an
+  in-memory store, no network) and the same FSDP2 path, so bf16 mixed precision comes from the
+  same policy. ``bench throughput``'s ``train-bf16`` mode takes the same group, on CPU too.
 * ``python -m train`` on a CPU: no process group, the plain module. FSDP2 has nothing to shard
   there and its per-block hooks cost about 30 % of the tiny demo model's step time.
 
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from stvit.contract import blocks_of
 from train.config import ConfigError
 
 
@@ -64,14 +66,29 @@ def init_distributed(timeout: float = 1800.0) -> DistEnv:
                                 device_id=device if cuda else None, store=store,
                                 **({"rank": rank, "world_size": world} if store is not None else {}))
     elif cuda:
-        rank, world, local_rank, device = 0, 1, 0, torch.device("cuda", 0)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
+        return one_process_group(torch.device("cuda", 0))
     else:
         return DistEnv()
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(device.type, (world,))
     return DistEnv(rank, world, local_rank, device, mesh)
+
+
+def one_process_group(device: torch.device) -> DistEnv:
+    """A process group of this process alone (NCCL on CUDA, gloo on CPU; an in-memory store, no
+    network) and its device mesh, for FSDP2 without a launcher. A group that already exists is
+    reused as it is; ``shutdown()`` ends it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=device if cuda else None)
+    world = dist.get_world_size()
+    local_rank = device.index if device.type == "cuda" else 0
+    return DistEnv(dist.get_rank(), world, local_rank, device, init_device_mesh(device.type, (world,)))
 
 
 _STORE_KEY = "stvit/process-group-store"
@@ -132,6 +149,11 @@ def world_size_hint() -> int:
     return int(os.environ.get("WORLD_SIZE", 1)) if launched_by_torchrun() else 1
 
 
+# Graphs dynamo may keep per block code: 4 stage widths × (2 training + 2 evaluation shapes) × grad
+# mode is 32; 64 leaves room for a family with more kinds of stage.
+COMPILED_GRAPHS_PER_BLOCK = 64
+
+
 def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False, bf16: bool = False) -> nn.Module:
     """Move to the device, optionally compile each block, then FSDP2-shard each block and the root.
 
@@ -146,7 +168,11 @@ def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False, 
     """
     model.to(env.device)
     if compile_blocks:
-        for block in model.repeated_blocks():  # the model contract names its blocks
+        # Every block of a class shares one code object, and dynamo keeps at most recompile_limit (8)
+        # graphs per code before running the rest eagerly, silently slow: each stage width × input
+        # shape (training batch, evaluation batch, last partial batch) × train/eval mode is a graph.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_PER_BLOCK)
+        for block in blocks_of(model):  # the model contract names its blocks
             # Static shapes: one graph per input shape (training batch, evaluation batch, last partial
             # batch). Dynamic-shape graphs of STViT's super-token padding arithmetic fail in inductor (torch 2.13).
             block.compile(dynamic=False)
@@ -165,7 +191,7 @@ def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False, 
                 fully_shard(norm, mesh=env.mesh, mp_policy=keep_fp32)
     mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                  if bf16 else MixedPrecisionPolicy())
-    for block in model.repeated_blocks():
+    for block in blocks_of(model):
         fully_shard(block, mesh=env.mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=env.mesh, mp_policy=mp_policy)
     return model
