@@ -38,6 +38,11 @@ def pick_device(name: str | None = None) -> torch.device:
     return device
 
 
+def device_label(device: torch.device) -> str:
+    """A device as results name it: the GPU's name on CUDA, else its type (``cpu``)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -72,7 +77,7 @@ def tune_cpu_allocator() -> bool:
 def machine_info(device: torch.device) -> dict:
     """What the numbers were measured on; ``device_name`` is the GPU's name on CUDA, the CPU's on a CPU."""
     cpu = _cpu_name()
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    device_name = device_label(device) if device.type == "cuda" else cpu
     return dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), torch=torch.__version__,
                 python=platform.python_version(), device=device.type, device_name=device_name,
                 threads=torch.get_num_threads(), cpu=cpu, cpu_count=os.cpu_count(), allocator=ALLOCATOR["setting"])

@@ -52,7 +52,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from .common import BenchError, format_table, machine_info, pick_device, synchronize, write_json
+from .common import BenchError, device_label, format_table, machine_info, pick_device, synchronize, write_json
 
 PIPELINES = ("paper", "paper-defer", "demo", "eval")
 # The earlier implementation each is compared with (paper-defer replaces the same pipeline as paper).
@@ -210,8 +210,7 @@ def _device_stage_rate(dataset, indices: list[int], batch_size: int, rounds: int
         synchronize(device)
         wall.append(len(indices) / (time.perf_counter() - w0))
         cpu.append(len(indices) / max(time.process_time() - c0, 1e-9))
-    out = dict(device=device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
-               wall_img_s=statistics.median(wall), threads=torch.get_num_threads())
+    out = dict(device=device_label(device), wall_img_s=statistics.median(wall), threads=torch.get_num_threads())
     if device.type == "cpu":
         out["cpu_img_s"] = statistics.median(cpu)
     return out
@@ -262,8 +261,8 @@ def _training_feed(dataset, indices: list[int], args, device: torch.device) -> d
         rates = [synthetic(step), fed(step), synthetic(step)]
     best_synthetic = max(rates[0], rates[2])
     return dict(model=name, mode=mode, batch=batch, workers=workers, steps=steps,
-                device=device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
-                synthetic_img_s=rates[0::2], fed_img_s=rates[1], fed_fraction=rates[1] / best_synthetic)
+                device=device_label(device), synthetic_img_s=rates[0::2], fed_img_s=rates[1],
+                fed_fraction=rates[1] / best_synthetic)
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -313,20 +312,16 @@ def run(args: argparse.Namespace) -> dict:
           f"{args.images} ImageNet-like / {n_demo} demo images per round ...", flush=True)
     per_core = _per_core(variants, args.rounds)
 
-    stage = None
-    if "paper-defer" in datasets:
-        device = pick_device(args.device)  # the common --device: where the device stage is timed
-        torch.set_num_threads(threads)  # the device stage runs in the training process
-        stage = _device_stage_rate(datasets["paper-defer"], _subset(datasets["paper-defer"], args.images),
-                                   args.batch_size, args.rounds, device)
-        torch.set_num_threads(1)
-
-    feed = None
-    if args.train:
-        device = pick_device(args.device)
-        torch.set_num_threads(threads)
-        ds = datasets.get("paper-defer") or builders["paper-defer"](True)
-        feed = _training_feed(ds, _subset(ds, args.images), args, device)
+    stage = feed = None
+    if "paper-defer" in datasets or args.train:
+        device = pick_device(args.device)  # the common --device: where the device stage and the feed run
+        torch.set_num_threads(threads)  # both run in the training process
+        deferred = datasets.get("paper-defer") or builders["paper-defer"](True)
+        indices = _subset(deferred, args.images)
+        if "paper-defer" in datasets:
+            stage = _device_stage_rate(deferred, indices, args.batch_size, args.rounds, device)
+        if args.train:
+            feed = _training_feed(deferred, indices, args, device)
         torch.set_num_threads(1)
 
     loaders = []
