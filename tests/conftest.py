@@ -1,8 +1,16 @@
 import os
+import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Before torch and torchvision: lets torchvision (and timm) import beside the CPU torch, here and in the
+# processes tests start (tests/site/sitecustomize.py says why).
+SITE = Path(__file__).resolve().parent / "site"
+sys.path.insert(0, str(SITE))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE), os.environ.get("PYTHONPATH")) if p)
+import sitecustomize  # noqa: E402,F401
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # ../shared/golden beside the repository; STVIT_GOLDEN names another folder (a GPU machine that
 # gets a copy of some of the files, say).
