@@ -198,8 +198,12 @@ class SuperTokenAttention(nn.Module):
         h, w = self.stoken_size
         # Token maps are handled as (B, H, W, C) views (free for the model's channels-last maps).
         x = x.permute(0, 2, 3, 1)
-        if H0 % h or W0 % w:
-            x = F.pad(x, (0, 0, 0, -W0 % w, 0, -H0 % h))  # right/bottom zeros; padded tokens take part
+        # Right/bottom zeros up to whole cells; padded tokens take part. Exported with symbolic
+        # sizes the pad is unconditional (a zero pad is a no-op; a branch on H0 % h would fix the
+        # graph to one answer), and written as grid × cell so the padded size divides by the cell.
+        hh, ww = (H0 + h - 1) // h, (W0 + w - 1) // w
+        if torch.compiler.is_exporting() or H0 % h or W0 % w:
+            x = F.pad(x, (0, 0, 0, ww * w - W0, 0, hh * h - H0))
         tokens = form(x, h, w)
 
         assoc, norm = self.association(tokens)
@@ -208,6 +212,9 @@ class SuperTokenAttention(nn.Module):
         stokens = self.stoken_refine(stokens.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         # Upsample: each token is the association-weighted sum of its 9 refined super tokens.
         out = tokens.spread(assoc, gather_neighbours(stokens))                  # (B, H, W, C)
+        if torch.compiler.is_exporting():
+            rows, cols = torch.arange(H0, device=out.device), torch.arange(W0, device=out.device)
+            return out.index_select(1, rows).index_select(2, cols).permute(0, 3, 1, 2)
         return out[:, :H0, :W0].permute(0, 3, 1, 2)
 
     @torch.no_grad()
