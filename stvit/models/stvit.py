@@ -188,7 +188,7 @@ class SuperTokenAttention(nn.Module):
         if self.stoken_size == (1, 1):
             return self.stoken_refine(x)
         if form is None:
-            form = "map" if torch.compiler.is_compiling() else "cells"
+            form = "map" if torch.compiler.is_compiling() and not torch.compiler.is_exporting() else "cells"
         if form not in TOKEN_FORMS:
             raise ValueError(f"form={form!r}: choose one of {sorted(TOKEN_FORMS)}")
         return self.sample_refine_upsample(x, TOKEN_FORMS[form])
