@@ -3,6 +3,11 @@
 Generic over the zoo: a family's own key conventions live in its registered ``checkpoint_filter``
 (timm's ``checkpoint_filter_fn``), applied here; a checkpoint that fits another registered model is
 named in the error.
+
+Two file formats, neither of which runs code when read: ``torch.save`` files (read with
+``weights_only=True``) and safetensors (the Hugging Face hub's and timm's format: a JSON header and
+raw tensor bytes; read and written with the optional ``safetensors`` package,
+``pip install "stvit[safetensors]"``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.
 # Where training scripts put the weights: ours and DeiT's ("model", "model_ema"), timm's saver's.
 _WEIGHTS_KEYS = ("model", "state_dict")
 _EMA_KEYS = ("model_ema", "state_dict_ema")
+SAFETENSORS_SUFFIX = ".safetensors"
+SAFETENSORS_INSTALL = 'pip install "stvit[safetensors]"'
 
 
 class CheckpointError(ValueError):
@@ -56,8 +63,9 @@ def read_checkpoint(source: str | os.PathLike | Mapping, *, use_ema: bool = Fals
 
     Accepts bare state dicts and ``{"model": ...}``, ``{"model_ema": ...}``, ``{"state_dict": ...}``,
     ``{"state_dict_ema": ...}`` wrappers (``use_ema`` prefers the EMA weights); strips ``module.`` and
-    ``_orig_mod.`` prefixes. Files are read with ``weights_only=True``, never unpickled into
-    arbitrary objects.
+    ``_orig_mod.`` prefixes. ``torch.save`` files are read with ``weights_only=True``, never unpickled
+    into arbitrary objects; safetensors files (``.safetensors``, or any file in that format) hold
+    tensors only.
     """
     obj = _load_file(Path(source)) if isinstance(source, (str, os.PathLike)) else source
     if not isinstance(obj, Mapping):
@@ -86,7 +94,8 @@ def _load_file(path: Path):
         raise CheckpointError(f"{path} is a directory; pass the checkpoint file inside it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
-    _check_format(path)
+    if _check_format(path) == "safetensors":
+        return _load_safetensors(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols are noise here
@@ -110,20 +119,40 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
 _PICKLE_PROTO = b"\x80"  # the legacy format starts with a pickle PROTO opcode
 
 
-def _check_format(path: Path) -> None:
-    """Reject files that are plainly not checkpoints before handing them to the unpickler."""
+def _check_format(path: Path) -> str:
+    """``"torch"`` or ``"safetensors"``: which reader the file is for; files that are plainly neither
+    are rejected before any reader sees them."""
     with open(path, "rb") as f:
         head = f.read(64)
     if not head:
         raise CheckpointError(f"cannot read {path}: the file is empty; download or save it again")
     if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO):
-        return
-    if head[8:9] == b"{":
-        raise CheckpointError(f"{path} looks like a safetensors file, which stvit does not read; "
-                              f"convert it with safetensors.torch.load_file and torch.save")
+        return "torch"
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if head[8:9] == b"{" or path.suffix.lower() == SAFETENSORS_SUFFIX:
+        return "safetensors"
     kind = "a text file" if _looks_like_text(head) else "not a PyTorch checkpoint"
     raise CheckpointError(f"{path} is {kind} (it starts with {head[:24]!r}); expected a file written "
                           f"by torch.save, e.g. torch.save(model.state_dict(), path)")
+
+
+def _safetensors():
+    """The ``safetensors.torch`` module, or a ``CheckpointError`` saying how to install it."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise CheckpointError(f"safetensors files need the safetensors package, which is not installed: "
+                              f"{SAFETENSORS_INSTALL}") from None
+    return safetensors.torch
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    load_file = _safetensors().load_file
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # SafetensorError (header, sizes), OSError, ...
+        raise CheckpointError(f"cannot read {path}: the safetensors file is truncated or corrupt "
+                              f"({_first_line(e)}); download or save it again") from None
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -267,7 +296,28 @@ def _mismatch_hint(model, state, missing, unexpected, mis_shaped, match) -> str:
             "(stvit.create_model(name, ...) with its configuration), or check that the file is the one you meant.")
 
 
-def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write a state dict atomically: a temporary file in the same folder, then a rename."""
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                    metadata: Mapping[str, str] | None = None) -> None:
+    """Write a state dict atomically: a temporary file in the same folder, then a rename.
+
+    A ``.safetensors`` path writes safetensors (tensors only; ``metadata``, string pairs, goes in its
+    header beside ``format: pt``, the key the Hugging Face loaders check); any other path ``torch.save``.
+    """
+    if Path(path).suffix.lower() != SAFETENSORS_SUFFIX:
+        with atomic_path(path) as tmp:
+            torch.save(dict(state), tmp)
+        return
+    save_file = _safetensors().save_file
+    tensors, storages = {}, set()
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"safetensors holds tensors only: {name!r} is a {type(value).__name__}; "
+                             f"save the model's state_dict(), or use a .pt file for other objects")
+        value = value.detach().cpu().contiguous()
+        # safetensors refuses tensors that share memory (tied or viewed weights): each gets its own copy
+        if value.untyped_storage().data_ptr() in storages:
+            value = value.clone()
+        storages.add(value.untyped_storage().data_ptr())
+        tensors[name] = value
     with atomic_path(path) as tmp:
-        torch.save(dict(state), tmp)
+        save_file(tensors, str(tmp), metadata={"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}})

@@ -56,13 +56,75 @@ def test_truncated_checkpoint(tiny_file, keep):
     (b"", "the file is empty"),
     (b"model weights go here\n", "is a text file"),
     (b"\x00\x01\x02\x03binary junk" * 4, "is not a PyTorch checkpoint"),
-    (b"\x40\x00\x00\x00\x00\x00\x00\x00{\"w\": {}}", "looks like a safetensors file"),
+    (b"\x40\x00\x00\x00\x00\x00\x00\x00{\"w\": {}}", "the safetensors file is truncated or corrupt"),
 ])
 def test_files_that_are_not_checkpoints(tmp_path, content, message):
     path = tmp_path / "weights.pth"
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=message):
         read_checkpoint(path)
+
+
+# ---- safetensors ------------------------------------------------------------------------------
+
+def test_safetensors_round_trip_is_exact_and_strict(tmp_path, tiny_state):
+    path = tmp_path / "tiny.safetensors"
+    stvit.save_state_dict(tiny_state, path, metadata={"model": "stvit_tiny"})
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt", "model": "stvit_tiny"}
+    model = stvit.create_model("tiny")
+    stvit.load_checkpoint(model, path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in tiny_state.items())
+    assert stvit.create_model("tiny", pretrained=str(path)) is not None
+
+    # Still strict, filters still applied: another architecture gets the same table as a .pth would.
+    with pytest.raises(CheckpointError, match=r"does not match the model architecture: \d+ missing, 0 unexpected"):
+        stvit.load_checkpoint(stvit.create_model("small"), path)
+    with pytest.raises(CheckpointError, match=r"this is a checkpoint of stvit_tiny \(a stvit checkpoint, not lvt\)"):
+        stvit.load_checkpoint(stvit.create_model("lvt_tiny"), path)
+    # A DataParallel-prefixed file under any name, found by its contents.
+    stvit.save_state_dict({f"module.{k}": v for k, v in tiny_state.items()}, tmp_path / "w.safetensors")
+    (tmp_path / "w.safetensors").rename(tmp_path / "w.bin")
+    assert read_checkpoint(tmp_path / "w.bin").keys() == tiny_state.keys()
+
+
+def test_safetensors_writes_shared_tensors_and_refuses_other_objects(tmp_path):
+    weight = torch.randn(4, 4)
+    stvit.save_state_dict({"a": weight, "tied": weight, "view": weight[0]}, tmp_path / "t.safetensors")
+    state = read_checkpoint(tmp_path / "t.safetensors")
+    assert torch.equal(state["tied"], weight) and torch.equal(state["view"], weight[0])
+    with pytest.raises(ValueError, match="safetensors holds tensors only: 'epoch' is a int"):
+        stvit.save_state_dict({"w": weight, "epoch": 3}, tmp_path / "x.safetensors")
+    assert not list(tmp_path.glob("x*")) and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header garbled", "header length too large"])
+def test_damaged_safetensors_file_gets_one_line(tmp_path, tiny_state, damage):
+    path = tmp_path / "tiny.safetensors"
+    stvit.save_state_dict(tiny_state, path)
+    data = path.read_bytes()
+    data = {"truncated": data[: len(data) // 2], "header garbled": data[:8] + b"{not json" + data[17:],
+            "header length too large": b"\xff" * 8 + data[8:]}[damage]
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"cannot read {path}: the safetensors file is truncated or corrupt (SafetensorError")
+    assert message.endswith("; download or save it again")
+
+
+def test_without_safetensors_it_says_how_to_install_it(tmp_path, tiny_state, monkeypatch):
+    stvit.save_state_dict(tiny_state, tmp_path / "tiny.safetensors")
+    monkeypatch.setitem(__import__("sys").modules, "safetensors", None)
+    monkeypatch.setitem(__import__("sys").modules, "safetensors.torch", None)
+    install = r'need the safetensors package, which is not installed: pip install "stvit\[safetensors\]"'
+    with pytest.raises(CheckpointError, match=install):
+        read_checkpoint(tmp_path / "tiny.safetensors")
+    with pytest.raises(CheckpointError, match=install):
+        stvit.save_state_dict(tiny_state, tmp_path / "again.safetensors")
+    stvit.save_state_dict(tiny_state, tmp_path / "tiny.pt")  # torch files need nothing more
 
 
 def test_missing_file_and_directory(tmp_path):

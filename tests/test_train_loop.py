@@ -95,6 +95,26 @@ def test_run_folder_holds_config_metrics_tensorboard_and_final_weights(reference
     ema = final_weights(reference, "model_ema")
     weights = final_weights(reference)
     assert set(ema) == set(weights) and not torch.equal(ema["head.weight"], weights["head.weight"])
+    # The same model weights as safetensors, loadable strictly, named in the header.
+    from safetensors import safe_open
+    final = reference / "model_final.safetensors"
+    stvit.load_checkpoint(model, final)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    with safe_open(str(final), "pt") as f:
+        assert f.metadata() == {"format": "pt", "model": "stvit_tiny", "epoch": "2", "global_step": "8"}
+
+
+def test_final_weights_without_safetensors_say_how_to_get_it(tmp_path, monkeypatch):
+    from train import checkpoint
+    from train.distributed import DistEnv
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as where it is not installed
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    logged = []
+    path = checkpoint.save_final(tmp_path, stvit.create_model("tiny", num_classes=4), None, {"epoch": 1},
+                                 DistEnv(), logged.append)
+    assert path.is_file() and not (tmp_path / "model_final.safetensors").exists()
+    assert logged == ['model_final.safetensors not written: safetensors files need the safetensors package, '
+                      'which is not installed: pip install "stvit[safetensors]"']
 
 
 def test_fsdp_two_processes_match_one_process(data, reference, tmp_path):

@@ -8,7 +8,10 @@ Layout of an output folder::
         manifest.json      size and CRC-32 of every other file; written last
     ckpt-00001200/         the one before (``--keep-checkpoints K``, default 2: the K newest are kept)
     latest                 the name of the newest complete checkpoint (replaced atomically)
-    model_final.pt         {"model": full state dict} for stvit.load_checkpoint
+    model_final.pt         {"model": full state dict (, "model_ema": ...), "config", "epoch", ...} for
+                           stvit.load_checkpoint
+    model_final.safetensors  the same weights ("model") as safetensors, for the Hugging Face hub and timm
+                           (written when the safetensors package is installed)
 
 A checkpoint is written into ``.ckpt-<step>.tmp/``; once every process has finished writing, the
 file sizes and checksums are recorded in ``manifest.json`` and only then is the folder renamed
@@ -36,6 +39,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
+from stvit.checkpoint import CheckpointError, save_state_dict
 from stvit.files import atomic_path
 from train import distributed
 from train.metrics import atomic_write_text
@@ -44,6 +48,7 @@ PREFIX = "ckpt-"
 LATEST = "latest"
 STATE_FILE = "train_state.json"
 FINAL = "model_final.pt"
+FINAL_SAFETENSORS = "model_final.safetensors"
 MANIFEST = "manifest.json"
 
 
@@ -223,8 +228,11 @@ def _checksums(folder: Path, rank: int, world: int) -> dict:
             for n in names[rank::world]}
 
 
-def save_final(output_dir: str | os.PathLike, model, ema, extra: dict, env) -> Path | None:
-    """Collective: gather the full (unsharded) weights; the main process writes ``model_final.pt``."""
+def save_final(output_dir: str | os.PathLike, model, ema, extra: dict, env, log=print) -> Path | None:
+    """Collective: gather the full (unsharded) weights; the main process writes ``model_final.pt``
+    and the model weights again as ``model_final.safetensors`` (the EMA weights stay in the .pt file:
+    ``stvit.save_state_dict(stvit.read_checkpoint(pt, use_ema=True), "ema.safetensors")`` writes
+    them). Without the safetensors package that second file is skipped and ``log`` says how to get it."""
     distributed.average_buffers(model)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     payload = {"model": get_model_state_dict(model, options=full)}
@@ -236,6 +244,14 @@ def save_final(output_dir: str | os.PathLike, model, ema, extra: dict, env) -> P
     path = Path(output_dir) / FINAL
     with atomic_path(path) as tmp:
         torch.save({**payload, **extra}, tmp)
+    # The header carries what identifies the weights (string pairs only).
+    metadata = {k: str(v) for k, v in extra.items() if isinstance(v, (str, int, float))}
+    if isinstance(extra.get("config"), dict) and "model" in extra["config"]:
+        metadata["model"] = str(extra["config"]["model"])
+    try:
+        save_state_dict(payload["model"], Path(output_dir) / FINAL_SAFETENSORS, metadata)
+    except CheckpointError as e:  # the safetensors package is not installed
+        log(f"{FINAL_SAFETENSORS} not written: {e}")
     return path
 
 
