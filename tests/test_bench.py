@@ -172,6 +172,30 @@ def test_authors_twin_gives_our_output():
         check_same_output(ours, theirs)
 
 
+def test_authors_code_imports_beside_the_real_timm(tmp_path):
+    """With timm installed their ``@register_model`` is timm's, which looks their module up in
+    sys.modules and would put their builders in timm's registry under our names: their file (here a
+    file with the same imports, so CI runs this without their code) imports, with timm's real layers,
+    and timm's registry is left as it was."""
+    import timm
+    code = tmp_path / "stvit.py"
+    code.write_text("import torch.nn as nn\n"
+                    "from timm.models.layers import DropPath, to_2tuple, trunc_normal_\n"
+                    "from timm.models.registry import register_model\n"
+                    "from timm.models.vision_transformer import _cfg\n"
+                    "class STViT(nn.Module):\n"
+                    "    pass\n"
+                    "@register_model\n"
+                    "def stvit_small(pretrained=False, **kwargs):\n"
+                    "    return STViT()\n")
+    registered = timm.list_models()
+    module = import_authors_module(code)
+    assert module.DropPath.__module__.startswith("timm.") and hasattr(timm, "create_model")  # the real timm
+    assert sys.modules["authors_stvit"] is module
+    assert isinstance(module.stvit_small(), module.STViT)
+    assert timm.list_models() == registered
+
+
 def test_authors_code_errors_are_clear(tmp_path):
     with pytest.raises(AuthorsCodeError, match="no such file"):
         import_authors_module(tmp_path / "missing.py")
