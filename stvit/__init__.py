@@ -11,13 +11,17 @@ from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_
 from .contract import IMAGENET_MEAN, IMAGENET_STD, FeatureInfo, ModelBase
 from .flops import count_macs, count_params
 from .models import create_model
+from .models.lvt import LVT
+from .models.sgformer import SGFormer
+from .models.sovit import SoT, SoViT
 from .models.stvit import STViT, MultiHeadSelfAttention, SuperTokenAttention
 from .optimize import optimize
 from .registry import FAMILIES, MODELS, list_families, list_models, model_entry, register_family, register_model, resolve_name
 
 __all__ = [
     "create_model", "list_models", "list_families", "model_entry", "resolve_name", "register_model",
-    "register_family", "FAMILIES", "MODELS", "ModelBase", "FeatureInfo", "STViT", "SuperTokenAttention",
+    "register_family", "FAMILIES", "MODELS", "ModelBase", "FeatureInfo", "STViT", "SGFormer", "SoViT", "SoT", "LVT",
+    "SuperTokenAttention",
     "MultiHeadSelfAttention", "load_checkpoint", "read_checkpoint", "save_state_dict", "CheckpointError",
     "count_macs", "count_params", "optimize", "IMAGENET_MEAN", "IMAGENET_STD",
 ]

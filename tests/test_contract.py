@@ -61,6 +61,16 @@ def test_every_family_is_registered_with_provenance():
         tiny_of(family)
 
 
+def test_every_family_class_is_at_the_top_level():
+    """``stvit.SGFormer(**config)`` as ``stvit.STViT(**config)`` (issue #9): each family's class."""
+    classes = {stvit.FAMILIES[f].model_class for f in FAMILIES}
+    assert classes == {stvit.STViT, stvit.SGFormer, stvit.SoViT, stvit.SoT, stvit.LVT}
+    assert {"STViT", "SGFormer", "SoViT", "SoT", "LVT"} <= set(stvit.__all__)
+    from stvit.models.sgformer import SGFORMER_TINY_CONFIG
+    model = stvit.SGFormer(**SGFORMER_TINY_CONFIG)
+    assert model.state_dict().keys() == stvit.create_model("sgformer_tiny").state_dict().keys()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_features_and_head(family, device):
     model = build(family, device).eval()
