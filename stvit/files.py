@@ -16,12 +16,13 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write to; rename it onto ``path`` when the block
-    succeeds (atomic on POSIX), remove it when the block fails."""
+    succeeds (atomic on POSIX), remove it when the block fails. ``suffix``: the temporary name's
+    ending (for writers that insist on one, like ``torch.export.save``'s ``.pt2``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     tmp = Path(tmp)
     try:

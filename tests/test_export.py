@@ -1,0 +1,146 @@
+"""`python -m stvit.export`: every family exported to ONNX and checked in onnxruntime, with a dynamic
+batch and, where the family takes any size, dynamic height and width; the torch.export program (pt2)
+of STViT, as loaded; the command's output and errors.
+
+The dynamo ONNX exporter is slow: each family is traced once (module fixture), the models are the
+tiny variants, and the checks run on small inputs."""
+
+import functools
+
+import onnx
+import pytest
+import torch
+
+import stvit
+from stvit import export
+
+FAMILIES = ["stvit_tiny", "sgformer_tiny", "sovit_tiny", "sot_mini", "lvt_tiny"]
+TOLERANCE = 1e-4  # float32 graphs regrouped by the exporters: observed ≤ 2e-5 (SG-Former), ~5e-7 (the others)
+
+
+# Any-size families are traced at 64² (their checks then run at 64² and at a second size, cheaply).
+TRACE_SIZE = 64
+
+
+@functools.cache  # one trace per family for the whole module
+def trace(name: str):
+    torch.manual_seed(0)
+    model = stvit.create_model(name).eval()
+    any_size = export.takes_any_size(model)
+    size = (TRACE_SIZE, TRACE_SIZE) if any_size else tuple(model.pretrained_cfg["input_size"][-2:])
+    program = export.export_program(model, size)
+    return model, program, size, export.smallest_side(program, size) if any_size else None
+
+
+@pytest.fixture(params=FAMILIES)
+def traced(request):
+    return trace(request.param)
+
+
+def sizes_checked(model, size, smallest):
+    """What the command checks, and for a model that takes any size also its smallest side."""
+    sizes = export.check_sizes(model, size, smallest)
+    return sizes + ([(1, smallest, smallest)] if smallest else [])
+
+
+def test_onnx_matches_eager_at_two_batches_and_two_sizes(traced, tmp_path):
+    model, program, size, smallest = traced
+    path = tmp_path / "model.onnx"
+    export.save_onnx(program, path, model)
+    graph = onnx.load(str(path)).graph
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    any_size = not model.pretrained_cfg["fixed_input_size"]
+    assert [graph.input[0].name, graph.output[0].name] == ["image", "logits"]
+    assert dims == (["batch", 3, "height", "width"] if any_size else ["batch", 3, *size])
+
+    sizes = sizes_checked(model, size, smallest)
+    assert {b for b, _, _ in sizes} == {1, 3} and len({(h, w) for _, h, w in sizes}) >= (2 if any_size else 1)
+    rows = export.compare(model, export.onnx_runner(path), sizes)
+    assert max(r["rel_error"] for r in rows) < TOLERANCE, rows
+
+
+def test_exported_program_takes_batch_1_and_any_size_down_to_its_smallest_side(tmp_path):
+    """The pt2 file as loaded: batch sizes 1 and 3 and three sizes of STViT (whose super token grids
+    pad sizes that are not whole cells), and one side below the smallest refused by its shape guards."""
+    model, program, size, smallest = trace("stvit_tiny")
+    assert smallest == 33  # 32 would make the last stage's map 1×1, which torch.export specialises
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, str(path))
+    run = export.pt2_runner(path)
+    rows = export.compare(model, run, sizes_checked(model, size, smallest))
+    assert max(r["rel_error"] for r in rows) < TOLERANCE, rows
+    with pytest.raises(AssertionError, match="Guard failed"):
+        run(torch.randn(1, 3, smallest - 1, smallest + 10))
+
+
+def test_the_command_writes_a_checked_onnx_file(tmp_path, capsys):
+    out = tmp_path / "sovit.onnx"
+    assert export.main(["--model", "sovit_tiny", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out} (onnx" in printed and "any batch size; 112×112 only" in printed
+    assert "checked in onnxruntime" in printed
+    checks = [line.split() for line in printed.splitlines() if line.strip().endswith(tuple("0123456789"))
+              and "×" in line and not line.startswith("inputs")]
+    assert [(c[0], c[1]) for c in checks] == [("1", "112×112"), ("3", "112×112")]
+    assert all(float(c[2]) < TOLERANCE for c in checks)
+    onnx.checker.check_model(str(out))
+    assert not list(tmp_path.glob(".*"))  # no temporary file left beside it
+
+
+def test_a_file_that_does_not_match_is_not_written(tmp_path, capsys, monkeypatch):
+    """A broken export (here: the exported copy's classifier weights changed) fails the check: no file."""
+    inference_copy = export.inference_copy
+
+    def broken(model):
+        model = inference_copy(model)
+        with torch.no_grad():
+            for p in model.get_classifier().parameters():
+                p.add_(1.0)
+        return model
+
+    monkeypatch.setattr(export, "inference_copy", broken)
+    out = tmp_path / "sovit.pt2"  # the format from the extension
+    assert export.main(["--model", "sovit_tiny", "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "error: the exported model differs from the eager model by" in err and "no file was written" in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def _fails(argv, capsys, code=1) -> str:
+    """stderr of a command that fails with exit status ``code``: ``error: ...`` lines, no traceback."""
+    if code == 2:  # argparse's usage errors
+        with pytest.raises(SystemExit) as exit_:
+            export.main(argv)
+        assert exit_.value.code == 2
+    else:
+        assert export.main(argv) == code
+    err = capsys.readouterr().err
+    assert "error: " in err and "Traceback" not in err
+    return err
+
+
+def test_command_line_errors(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "m.onnx")
+    assert "unknown model 'nope'" in _fails(["--model", "nope", "--output", out], capsys, 2)
+    assert "give --format onnx or pt2" in _fails(["--model", "tiny", "--output", str(tmp_path / "m.bin")], capsys, 2)
+    assert "expected a positive integer, got '0'" in _fails(["--model", "tiny", "--output", out,
+                                                            "--input-size", "0"], capsys, 2)
+    assert "HEIGHT [WIDTH]" in _fails(["--model", "tiny", "--output", out, "--input-size", "1", "2", "3"], capsys, 2)
+    assert "is a directory" in _fails(["--model", "tiny", "--output", str(tmp_path)], capsys, 2)
+
+    # A size the model cannot take: the model's own message, before anything is traced.
+    err = _fails(["--model", "sgformer_tiny", "--output", out, "--input-size", "64"], capsys)
+    assert err.startswith("error: input 64x64 does not fit this SG-Former") and "56x56" in err
+
+    # A checkpoint of another model: the table, and the flag that fixes it.
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(stvit.create_model("stvit_tiny").state_dict(), ckpt)
+    err = _fails(["--model", "lvt_tiny", "--checkpoint", str(ckpt), "--output", out], capsys)
+    assert err.startswith("error: checkpoint does not match the model architecture")
+    assert err.splitlines()[-1] == "  on the command line: --model stvit_tiny"
+    assert not list(tmp_path.glob("*.onnx"))
+
+    # Without the onnx extra: how to install it (pt2 needs nothing more).
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
+    err = _fails(["--model", "tiny", "--output", out], capsys)
+    assert err.startswith('error: ONNX export needs onnx, onnxscript and onnxruntime: pip install "stvit[onnx]"')
