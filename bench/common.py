@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -218,6 +219,15 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, 
 
 
 # ---- output --------------------------------------------------------------------------------------
+
+_STARTED = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """One line on stderr saying what a long run is doing now (stdout keeps the tables, --json the
+    results), with the seconds since the bench started."""
+    print(f"[{time.perf_counter() - _STARTED:7.1f} s] {message}", file=sys.stderr, flush=True)
+
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     """Write ``payload`` as JSON atomically (temp file in the same folder, then rename)."""

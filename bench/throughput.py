@@ -20,6 +20,10 @@ authors-amp         the authors' STViT under their AMP: their ``engine.py`` runs
 authors-train       the authors' STViT, one fp32 training step
 authors-train-amp   their AMP training step: autocast as above, then on CUDA a ``GradScaler``
                     (their ``NativeScaler``) scales the loss, unscales and steps AdamW
+onnx                the model as ``python -m stvit.export --format onnx`` writes it (dynamic batch and
+                    sizes), run in onnxruntime's CPU execution provider with torch's thread count
+                    (CPU only; ``pip install "stvit[onnx]"``). Its peak memory is onnxruntime's own,
+                    which torch's profiler does not see: not reported
 ==================  =============================================================================
 
 The ``dtype`` field of a row says what ran: ``fp16`` for the authors' AMP on CUDA. "× authors" is a
@@ -40,12 +44,16 @@ Any registered model runs in the non-``authors`` modes, and so does a timm model
 when timm is installed): the same precision, compilation and batch, its blocks found by
 ``stvit.contract.blocks_of``. The ``authors*`` modes time the authors' STViT code: they run for the
 STViT models of a run and are left out for the others (at least one model must be STViT's).
+
+Progress goes to stderr, one line as each case's warm-up (compilation, export) starts and ends and
+one per timing round, so a long run says what it is doing; stdout has the table, ``--json`` the rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -63,19 +71,21 @@ from train import distributed
 
 from .authors import authors_config, has_authors_twin, load_authors_twin
 from .common import (MEMORY_METHOD, BenchError, create_model, format_table, input_shape, machine_info,
-                     matmul_peak_flops, mib, peak_memory, pick_device, summarize, synchronize, write_json)
+                     matmul_peak_flops, mib, peak_memory, pick_device, progress, summarize, synchronize, write_json)
 
 MODES = ("eager", "eager-amp", "optimized", "compiled", "compiled-bf16", "train", "train-compiled", "train-bf16",
-         "authors", "authors-amp", "authors-train", "authors-train-amp")
+         "onnx", "authors", "authors-amp", "authors-train", "authors-train-amp")
 BF16_MODES = {"eager-amp", "compiled-bf16", "train-bf16"}
 AUTHORS_AMP_MODES = {"authors-amp", "authors-train-amp"}  # fp16 on CUDA, bf16 on a CPU
 TRAIN_MODES = {"train", "train-compiled", "train-bf16", "authors-train", "authors-train-amp"}
+COMPILING_MODES = {"compiled", "compiled-bf16", "train-compiled", "train-bf16"}
+OUTSIDE_TORCH_MODES = {"onnx"}  # their memory is not torch's: the profiler cannot measure it
 # Each mode × batch × dtype × stage width is its own static-shape graph of the same block code. Past
 # dynamo's default of 8 graphs per code the rest would run eagerly, timed as if compiled: allow them
 # all, and fail rather than time an eager fallback.
 COMPILE_LIMITS = dict(recompile_limit=256, fail_on_recompile_limit_hit=True)
 # Which authors' mode each of ours is compared with.
-BASELINE = {"eager": "authors", "optimized": "authors", "compiled": "authors", "eager-amp": "authors-amp",
+BASELINE = {"eager": "authors", "optimized": "authors", "compiled": "authors", "onnx": "authors", "eager-amp": "authors-amp",
             "compiled-bf16": "authors-amp", "train": "authors-train", "train-compiled": "authors-train",
             "train-bf16": "authors-train-amp"}
 
@@ -155,6 +165,8 @@ def run(args: argparse.Namespace) -> dict:
                     if mode.startswith("authors") and theirs is None:
                         continue
                     flops = flops_per_image * (3 if mode in TRAIN_MODES else 1)
+                    if mode == "onnx":  # the export takes a while (minutes for a large model)
+                        progress(f"{name} batch {batch} onnx: exporting to ONNX, checking it in onnxruntime ...")
                     cases.append(dict(model=name, batch=batch, size=shape[-1], mode=mode,
                                       dtype=precision.name_of(mode_dtype(mode, device)), gflop_per_img=flops / 1e9,
                                       step=build_step(mode, ours, theirs, x, device, env)))
@@ -240,30 +252,42 @@ def measure(cases: list[dict], device: torch.device, args: argparse.Namespace) -
     them alike; finally measure each case's peak memory in one more call."""
     warmup_s = []
     for case in cases:
+        what = "compiling" if case["mode"] in COMPILING_MODES else "warming up"
+        progress(f"{_label(case)}: {what} ({max(1, args.warmup)} untimed calls) ...")
         t0 = time.perf_counter()
         for _ in range(max(1, args.warmup)):
             case["step"]()
         synchronize(device)
         warmup_s.append(time.perf_counter() - t0)
+        progress(f"{_label(case)}: {what} done in {warmup_s[-1]:.1f} s")
     samples: list[list[float]] = [[] for _ in cases]
     start = time.perf_counter()
+    progress(f"timing {len(cases)} cases in interleaved rounds (at least {args.runs}"
+             + (f", and {args.min_time:g} s" if args.min_time else "") + ") ...")
     while len(samples[-1]) < args.runs or time.perf_counter() - start < args.min_time:
         for case, times in zip(cases, samples):
             t0 = time.perf_counter()
             case["step"]()
             synchronize(device)
             times.append(time.perf_counter() - t0)
+        progress(f"round {len(samples[-1])} timed ({time.perf_counter() - start:.1f} s so far)")
+    progress(f"measuring the peak memory of {len(cases)} cases ...")
     results = []
     for case, times, warm in zip(cases, samples, warmup_s):
         with peak_memory(device) as mem:
             case["step"]()
         timing, batch = summarize(times), case["batch"]
+        peak = None if case["mode"] in OUTSIDE_TORCH_MODES else mib(mem["peak_bytes"])
         results.append(dict(img_per_s=batch / timing.median_s, img_per_s_min=batch / timing.max_s,
                             img_per_s_max=batch / timing.min_s, median_ms=timing.median_s * 1e3,
-                            iqr_ms=timing.iqr_s * 1e3, runs=timing.runs, peak_mib=mib(mem["peak_bytes"]),
+                            iqr_ms=timing.iqr_s * 1e3, runs=timing.runs, peak_mib=peak,
                             compile_s=warm,
                             cuda_graphs=device.type == "cuda" and case["mode"] in ("compiled", "compiled-bf16")))
     return results
+
+
+def _label(case: dict) -> str:
+    return f"{case['model']} batch {case['batch']} {case['mode']}"
 
 
 def build_step(mode: str, ours: nn.Module, theirs: nn.Module | None, x: torch.Tensor, device: torch.device,
@@ -284,6 +308,9 @@ def build_step(mode: str, ours: nn.Module, theirs: nn.Module | None, x: torch.Te
 
         def step():
             return fast(x)
+    elif mode == "onnx":
+        model = ours
+        step = onnx_step(ours, x, device)
     elif mode in TRAIN_MODES:
         model = copy.deepcopy(theirs if mode.startswith("authors") else ours).train()
         if mode == "train-compiled":  # train's own wrapping, one process without FSDP2
@@ -301,6 +328,28 @@ def build_step(mode: str, ours: nn.Module, theirs: nn.Module | None, x: torch.Te
         raise BenchError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     step.model = model
     return step
+
+
+def onnx_step(model: nn.Module, x: torch.Tensor, device: torch.device) -> Callable[[], list[torch.Tensor]]:
+    """``model`` exported as ``python -m stvit.export`` exports it, run in onnxruntime on ``x``."""
+    from stvit import export
+
+    if device.type != "cpu":
+        raise BenchError("the onnx mode runs onnxruntime's CPU execution provider: use it with --device cpu")
+    try:
+        export.require_onnx()
+        with tempfile.TemporaryDirectory() as tmp:  # the session keeps the model; the file can go
+            path = f"{tmp}/model.onnx"
+            export.save_onnx(export.export_program(model, tuple(x.shape[-2:])), path, model)
+            run = export.onnx_runner(path, threads=torch.get_num_threads())
+        # As for the authors' twin: timings must compare the same computation.
+        error = export.compare(model, run, [tuple(x.shape[:1]) + tuple(x.shape[-2:])])[0]["rel_error"]
+    except export.ExportError as e:
+        raise BenchError(f"the onnx mode: {e}") from e
+    if not error <= export.DEFAULT_TOLERANCE:
+        raise BenchError(f"the onnx mode: onnxruntime's output differs from the model's by {error:.3g} (relative)")
+    x = x.cpu()
+    return lambda: run(x)
 
 
 def train_step(model: nn.Module, x: torch.Tensor, amp: AbstractContextManager,

@@ -16,7 +16,8 @@ import stvit
 from stvit.models.stvit import STVIT_CONFIGS
 from bench import __main__ as cli
 from bench.authors import AuthorsCodeError, check_same_output, import_authors_module, load_authors_twin
-from bench.common import format_table, peak_memory, summarize, write_json
+from bench.common import BenchError, format_table, peak_memory, summarize, write_json
+from bench.throughput import onnx_step
 from bench.plot import Panel, Series, save_loglog
 from stvit import precision
 
@@ -396,6 +397,40 @@ def test_timm_models_run_in_our_modes(tmp_path, fake_timm):
                   "--authors-code", "/nonexistent/stvit.py"])
     with pytest.raises(SystemExit, match=r"timm:tiny_vit_xxl: Unknown model \(tiny_vit_xxl\); timm.list_models"):
         cli.main(["throughput", "--default-allocator", "--models", "timm:tiny_vit_xxl"])
+
+
+def test_onnx_mode_runs_the_exported_model_in_onnxruntime_and_says_what_it_does(tmp_path, fake_timm, capsys,
+                                                                                monkeypatch):
+    out = tmp_path / "tp.json"
+    cli.main(["throughput", "--default-allocator", "--device", "cpu", "--threads", "2", "--models", "timm:toy",
+              "--batch-sizes", "2", "--modes", "eager", "onnx", "--runs", "2", "--warmup", "1", "--json", str(out)])
+    stdout, stderr = capsys.readouterr()
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["dtype"]) for r in rows] == [("eager", "fp32"), ("onnx", "fp32")]
+    eager, onnx = rows
+    assert set(onnx) == THROUGHPUT_FIELDS and onnx["img_per_s"] > 0 and onnx["runs"] == 2
+    assert onnx["peak_mib"] is None  # onnxruntime's memory is not torch's
+    assert onnx["gflop_per_img"] == eager["gflop_per_img"]
+    table = stdout.splitlines()
+    assert table[0].split()[:3] == ["model", "batch", "mode"] and table[3].split()[:3] == ["timm:toy", "2", "onnx"]
+    # Progress on stderr (the table alone on stdout): the export, each warm-up's start and end, each round.
+    progress = [line.split("] ", 1)[1] for line in stderr.splitlines() if line.startswith("[")]
+    assert progress == [
+        "timm:toy batch 2 onnx: exporting to ONNX, checking it in onnxruntime ...",
+        "timm:toy batch 2 eager: warming up (1 untimed calls) ...", progress[2],
+        "timm:toy batch 2 onnx: warming up (1 untimed calls) ...", progress[4],
+        "timing 2 cases in interleaved rounds (at least 2) ...", progress[6], progress[7],
+        "measuring the peak memory of 2 cases ..."]
+    assert progress[2].startswith("timm:toy batch 2 eager: warming up done in ")
+    assert progress[4].startswith("timm:toy batch 2 onnx: warming up done in ")
+    assert progress[6].startswith("round 1 timed (") and progress[7].startswith("round 2 timed (")
+
+    with pytest.raises(BenchError, match="the onnx mode runs onnxruntime's CPU execution provider: use it with "
+                                         "--device cpu"):
+        onnx_step(_ToyTimmModel(10), torch.zeros(1, 3, 16, 16), torch.device("cuda"))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as where the onnx extra is not installed
+    with pytest.raises(SystemExit, match=r'the onnx mode: ONNX export needs .*pip install "stvit\[onnx\]"'):
+        cli.main(["throughput", "--default-allocator", "--models", "timm:toy", "--modes", "onnx"])
 
 
 def test_missing_timm_says_how_to_install_it(monkeypatch):
