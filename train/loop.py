@@ -304,9 +304,10 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict | None:
                                      {"config": cfg.to_dict(), "epoch": r.state["epoch"],
                                       "global_step": r.state["global_step"]}, env, r.log)
         if record is not None:
+            also = path.with_name(checkpoint.FINAL_SAFETENSORS) if path else None
             r.log(f"finished in {time.perf_counter() - start:.0f}s: val top-1 {record['val_acc1']:.2f}%, "
                   f"top-5 {record['val_acc5']:.2f}%; weights: {path}"
-                  + (f" and {checkpoint.FINAL_SAFETENSORS}" if path and path.with_name(checkpoint.FINAL_SAFETENSORS).is_file() else ""))
+                  + (f" and {also.name}" if also and also.is_file() else ""))
         return record
     finally:
         writer.close()
