@@ -52,7 +52,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from .common import BenchError, device_label, format_table, machine_info, pick_device, synchronize, write_json
+from .common import BenchError, device_label, format_table, machine_info, pick_device, progress, synchronize, write_json
 
 PIPELINES = ("paper", "paper-defer", "demo", "eval")
 # The earlier implementation each is compared with (paper-defer replaces the same pipeline as paper).
@@ -258,7 +258,10 @@ def _training_feed(dataset, indices: list[int], args, device: torch.device) -> d
 
     with process_group(device, mode == "train-bf16") as env, torch._dynamo.config.patch(**COMPILE_LIMITS):
         step = build_step(mode, model.to(device), None, x, device, env)
+        progress(f"training feed, {name} {mode} batch {batch}: warming up (compiling) and timing the "
+                 f"synthetic, fed and synthetic steps ...")
         rates = [synthetic(step), fed(step), synthetic(step)]
+        progress(f"training feed: done ({', '.join(f'{r:.1f}' for r in rates)} img/s)")
     best_synthetic = max(rates[0], rates[2])
     return dict(model=name, mode=mode, batch=batch, workers=workers, steps=steps,
                 device=device_label(device), synthetic_img_s=rates[0::2], fed_img_s=rates[1],

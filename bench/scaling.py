@@ -25,8 +25,8 @@ from torch import nn
 import stvit
 from stvit.models.stvit import STVIT_CONFIGS, MultiHeadSelfAttention, SuperTokenAttention
 
-from .common import (MEMORY_METHOD, BenchError, format_table, machine_info, mib, peak_memory, pick_device, synchronize,
-                     time_fn, write_json)
+from .common import (MEMORY_METHOD, BenchError, format_table, machine_info, mib, peak_memory, pick_device, progress,
+                     synchronize, time_fn, write_json)
 from .plot import Panel, Series, save_loglog
 
 METHODS = ("super-token", "global", "global-fused")
@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> dict:
                 elif predicted > args.time_budget:
                     row["status"] = f"skipped: predicted {predicted:.0f} s > time budget {args.time_budget:.0f} s"
                 else:
+                    progress(f"{method} {row['pass']} at {side}×{side} tokens: timing ...")
                     measure(module, x, backward, device, args.runs, row)
                     if row["ms"] is not None:
                         last[key] = (tokens, row["ms"] / 1e3)

@@ -85,7 +85,8 @@ OUTSIDE_TORCH_MODES = {"onnx"}  # their memory is not torch's: the profiler cann
 # all, and fail rather than time an eager fallback.
 COMPILE_LIMITS = dict(recompile_limit=256, fail_on_recompile_limit_hit=True)
 # Which authors' mode each of ours is compared with.
-BASELINE = {"eager": "authors", "optimized": "authors", "compiled": "authors", "onnx": "authors", "eager-amp": "authors-amp",
+BASELINE = {"eager": "authors", "optimized": "authors", "compiled": "authors", "onnx": "authors",
+            "eager-amp": "authors-amp",
             "compiled-bf16": "authors-amp", "train": "authors-train", "train-compiled": "authors-train",
             "train-bf16": "authors-train-amp"}
 

@@ -323,8 +323,9 @@ def report(name: str, result: dict, checkpoint: str | None) -> str:
     checked_in = "onnxruntime" if result["format"] == "onnx" else "the loaded ExportedProgram"
     sides = (f"height and width {result['smallest_side']} and up" if result["any_size"]
              else f"{h}×{w} only (the model's fixed size)")
-    lines = [f"wrote {result['path']} ({result['format']}, {result['bytes'] / 2**20:.1f} MiB) in {result['export_s']:.0f} s: "
-             f"{name}, {'weights of ' + checkpoint if checkpoint else 'RANDOM weights (no --checkpoint)'}",
+    weights = f"weights of {checkpoint}" if checkpoint else "RANDOM weights (no --checkpoint)"
+    lines = [f"wrote {result['path']} ({result['format']}, {result['bytes'] / 2**20:.1f} MiB) in "
+             f"{result['export_s']:.0f} s: {name}, {weights}",
              f"inputs: any batch size; {sides}",
              f"checked in {checked_in} against the eager float32 model:",
              "  batch  input      relative error"]
