@@ -74,11 +74,16 @@ def test_exported_program_takes_batch_1_and_any_size_down_to_its_smallest_side(t
 
 
 def test_the_command_writes_a_checked_onnx_file(tmp_path, capsys):
+    """With a safetensors checkpoint of 10 classes: the model is sized to it, and the file says so."""
+    weights = tmp_path / "sovit.safetensors"
+    stvit.save_state_dict(stvit.create_model("sovit_tiny", num_classes=10).state_dict(), weights)
     out = tmp_path / "sovit.onnx"
-    assert export.main(["--model", "sovit_tiny", "--output", str(out)]) == 0
+    assert export.main(["--model", "sovit_tiny", "--checkpoint", str(weights), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"wrote {out} (onnx" in printed and "any batch size; 112×112 only" in printed
-    assert "checked in onnxruntime" in printed
+    assert f"wrote {out} (onnx" in printed and f"sovit_tiny, weights of {weights}" in printed
+    assert "any batch size; 112×112 only" in printed and "checked in onnxruntime" in printed
+    output = onnx.load(str(out)).graph.output[0]
+    assert [d.dim_param or d.dim_value for d in output.type.tensor_type.shape.dim] == ["batch", 10]
     checks = [line.split() for line in printed.splitlines() if line.strip().endswith(tuple("0123456789"))
               and "×" in line and not line.startswith("inputs")]
     assert [(c[0], c[1]) for c in checks] == [("1", "112×112"), ("3", "112×112")]
