@@ -7,10 +7,10 @@ in onnxruntime (``pip install "stvit[onnx]"``). ``pt2``: a ``torch.export`` Expo
 
 Both take any batch size, and any height and width for a model whose ``pretrained_cfg`` says
 ``fixed_input_size=False`` (STViT, LVT); the others (SG-Former, So-ViT, SoT) keep their one size.
-The program is traced at ``--input-size`` (default: the model's own); sides too small for some
-stage map to keep at least 2 rows and columns are outside it (``torch.export`` specialises sizes
-of 1), and the command prints the smallest side it takes. Before the file is written, its outputs
-are compared with the eager float32 model at batch sizes 1 and 3, and at two image sizes where the
+The program is traced at ``--input-size`` (default: the model's own); ``torch.export`` specialises
+sizes of 1, so sides for which a stage map would be 1 wide where the traced one was not (or the
+reverse) are outside it, and the command prints the range of sides it takes. Before the file is
+written, its outputs are compared with the eager float32 model at batch sizes 1 and 3, and at two image sizes where the
 model takes any; the command prints every relative error (max |difference| / max |eager output|)
 and fails if one is above ``--tolerance``. The exported model is the family's inference form
 (``prepare_inference``: STViT's BatchNorms folded), the reference the model as loaded.
@@ -97,9 +97,13 @@ def export_program(model: nn.Module, input_size: tuple[int, int]) -> torch.expor
                           f"{_first_line(e)}") from e
 
 
-def smallest_side(program: torch.export.ExportedProgram, input_size: tuple[int, int]) -> int:
-    """The smallest square side the program takes, between 1 and the traced size: found by calling it
-    on empty meta tensors, where only its shape guards run (sizes it does not take fail them)."""
+LARGEST_SIDE_PROBED = 8192
+
+
+def side_range(program: torch.export.ExportedProgram, input_size: tuple[int, int]) -> tuple[int, int | None]:
+    """The smallest and largest square side the program takes (None: at least ``LARGEST_SIDE_PROBED``),
+    found by calling it on empty meta tensors, where only its shape guards run (sizes it does not take
+    fail them). Traced where a stage map is 1 wide, the program keeps that: it then has a largest side."""
     module = program.module().to("meta")
     channels = program.example_inputs[0][0].shape[1]
 
@@ -109,21 +113,35 @@ def smallest_side(program: torch.export.ExportedProgram, input_size: tuple[int, 
             return True
         except AssertionError:  # "Guard failed: ..."
             return False
-
-    low, high = 1, min(input_size)  # the traced size is taken
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if takes(mid) else (mid + 1, high)
-    return high
+    return search_sides(takes, min(input_size))
 
 
-def check_sizes(model: nn.Module, input_size: tuple[int, int], smallest: int | None) -> list[tuple[int, int, int]]:
-    """(batch, height, width) of the checks: :data:`CHECK_BATCHES` at the traced size, and where the
-    model takes any size also at a second, non-square size whose sides are no multiple of 32."""
+def search_sides(takes: Callable[[int], bool], traced: int) -> tuple[int, int | None]:
+    """:func:`side_range`'s search: the run of sides around ``traced`` (taken) where ``takes`` holds,
+    by bisection (the guards are bounds on the sizes)."""
+    def first(low: int, high: int, taken: bool) -> int:  # the first side in [low, high] where takes() == taken
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if takes(mid) == taken else (mid + 1, high)
+        return high
+
+    smallest = first(1, traced, True)
+    largest = None if takes(LARGEST_SIDE_PROBED) else first(traced, LARGEST_SIDE_PROBED, False) - 1
+    return smallest, largest
+
+
+def check_sizes(input_size: tuple[int, int], sides: tuple[int, int | None] | None) -> list[tuple[int, int, int]]:
+    """(batch, height, width) of the checks: :data:`CHECK_BATCHES` at the traced size, and for a program
+    that takes the ``sides`` range (:func:`side_range`) also at a second, non-square size within it
+    (169×143 for 224×224)."""
     height, width = input_size
     sizes = [input_size]
-    if smallest is not None:
-        other = (max(smallest, height * 3 // 4 + 1), max(smallest, width * 5 // 8 + 3))
+    if sides is not None:
+        smallest, largest = sides
+
+        def within(side: int) -> int:
+            return max(smallest, side if largest is None else min(side, largest))
+        other = (within(height * 3 // 4 + 1), within(width * 5 // 8 + 3))
         if other != input_size:
             sizes.append(other)
     return [(batch, h, w) for h, w in sizes for batch in CHECK_BATCHES]
@@ -191,8 +209,11 @@ def save_onnx(program: torch.export.ExportedProgram, path: str | Path, model: nn
     onnx_program.save(str(path), external_data=False)
 
 
-def onnx_runner(path: str | Path, threads: int | None = None) -> Callable[[torch.Tensor], list[torch.Tensor]]:
-    """Run the ONNX file in onnxruntime (CPU) on a tensor; ``threads``: its intra-op threads."""
+def onnx_runner(path: str | Path, threads: int | None = None,
+                spinning: bool = True) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """Run the ONNX file in onnxruntime (CPU) on a tensor; ``threads``: its intra-op threads;
+    ``spinning=False``: its idle threads sleep instead of busy-waiting for the next call (which would
+    take the cores from whatever runs next: other cases timed in the same rounds)."""
     require_onnx()
     import onnxruntime
 
@@ -200,6 +221,8 @@ def onnx_runner(path: str | Path, threads: int | None = None) -> Callable[[torch
     options.log_severity_level = 3  # errors only: its constant-folding notes are noise here
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
@@ -234,7 +257,7 @@ def export(model: nn.Module, path: str | Path, fmt: str, input_size: tuple[int, 
     log(f"tracing {model.pretrained_cfg.get('architecture', type(model).__name__)} at "
         f"{input_size[0]}×{input_size[1]} with torch.export ...")
     program = export_program(model, input_size)
-    smallest = smallest_side(program, input_size) if takes_any_size(model) else None
+    sides = side_range(program, input_size) if takes_any_size(model) else None
     with atomic_path(path, suffix=f".tmp.{fmt}") as tmp:
         if fmt == "onnx":
             log("converting to ONNX (torch.onnx, dynamo) ...")
@@ -245,15 +268,14 @@ def export(model: nn.Module, path: str | Path, fmt: str, input_size: tuple[int, 
             run = pt2_runner(tmp)
         export_s = time.perf_counter() - start
         log("checking against the eager model ...")
-        rows = compare(model, run, check_sizes(model, input_size, smallest))
+        rows = compare(model, run, check_sizes(input_size, sides))
         worst = max(r["rel_error"] for r in rows)
         if not worst <= tolerance:
             raise ExportError(f"the exported model differs from the eager model by {worst:.3g} (relative), "
                               f"above the tolerance {tolerance:g}; no file was written")
         size_bytes = tmp.stat().st_size
-    return dict(format=fmt, path=str(path), bytes=size_bytes, input_size=input_size, smallest_side=smallest,
-                any_size=takes_any_size(model), checks=rows, max_rel_error=worst, export_s=export_s,
-                tolerance=tolerance)
+    return dict(format=fmt, path=str(path), bytes=size_bytes, input_size=input_size, sides=sides, checks=rows,
+                max_rel_error=worst, export_s=export_s, tolerance=tolerance)
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -321,8 +343,11 @@ def report(name: str, result: dict, checkpoint: str | None) -> str:
     """What was written and how it was checked, as the command prints it."""
     h, w = result["input_size"]
     checked_in = "onnxruntime" if result["format"] == "onnx" else "the loaded ExportedProgram"
-    sides = (f"height and width {result['smallest_side']} and up" if result["any_size"]
-             else f"{h}×{w} only (the model's fixed size)")
+    if result["sides"] is None:
+        sides = f"{h}×{w} only (the model's fixed size)"
+    else:
+        smallest, largest = result["sides"]
+        sides = f"height and width {smallest} " + (f"to {largest}" if largest else "and up")
     weights = f"weights of {checkpoint}" if checkpoint else "RANDOM weights (no --checkpoint)"
     lines = [f"wrote {result['path']} ({result['format']}, {result['bytes'] / 2**20:.1f} MiB) in "
              f"{result['export_s']:.0f} s: {name}, {weights}",

@@ -29,7 +29,7 @@ def trace(name: str):
     any_size = export.takes_any_size(model)
     size = (TRACE_SIZE, TRACE_SIZE) if any_size else tuple(model.pretrained_cfg["input_size"][-2:])
     program = export.export_program(model, size)
-    return model, program, size, export.smallest_side(program, size) if any_size else None
+    return model, program, size, export.side_range(program, size) if any_size else None
 
 
 @pytest.fixture(params=FAMILIES)
@@ -37,14 +37,13 @@ def traced(request):
     return trace(request.param)
 
 
-def sizes_checked(model, size, smallest):
+def sizes_checked(size, sides):
     """What the command checks, and for a model that takes any size also its smallest side."""
-    sizes = export.check_sizes(model, size, smallest)
-    return sizes + ([(1, smallest, smallest)] if smallest else [])
+    return export.check_sizes(size, sides) + ([(1, sides[0], sides[0])] if sides else [])
 
 
 def test_onnx_matches_eager_at_two_batches_and_two_sizes(traced, tmp_path):
-    model, program, size, smallest = traced
+    model, program, size, sides = traced
     path = tmp_path / "model.onnx"
     export.save_onnx(program, path, model)
     graph = onnx.load(str(path)).graph
@@ -53,7 +52,7 @@ def test_onnx_matches_eager_at_two_batches_and_two_sizes(traced, tmp_path):
     assert [graph.input[0].name, graph.output[0].name] == ["image", "logits"]
     assert dims == (["batch", 3, "height", "width"] if any_size else ["batch", 3, *size])
 
-    sizes = sizes_checked(model, size, smallest)
+    sizes = sizes_checked(size, sides)
     assert {b for b, _, _ in sizes} == {1, 3} and len({(h, w) for _, h, w in sizes}) >= (2 if any_size else 1)
     rows = export.compare(model, export.onnx_runner(path), sizes)
     assert max(r["rel_error"] for r in rows) < TOLERANCE, rows
@@ -62,15 +61,26 @@ def test_onnx_matches_eager_at_two_batches_and_two_sizes(traced, tmp_path):
 def test_exported_program_takes_batch_1_and_any_size_down_to_its_smallest_side(tmp_path):
     """The pt2 file as loaded: batch sizes 1 and 3 and three sizes of STViT (whose super token grids
     pad sizes that are not whole cells), and one side below the smallest refused by its shape guards."""
-    model, program, size, smallest = trace("stvit_tiny")
-    assert smallest == 33  # 32 would make the last stage's map 1×1, which torch.export specialises
+    model, program, size, sides = trace("stvit_tiny")
+    assert sides == (33, None)  # 32 would make the last stage's map 1×1, which torch.export specialises
     path = tmp_path / "model.pt2"
     torch.export.save(program, str(path))
     run = export.pt2_runner(path)
-    rows = export.compare(model, run, sizes_checked(model, size, smallest))
+    rows = export.compare(model, run, sizes_checked(size, sides))
     assert max(r["rel_error"] for r in rows) < TOLERANCE, rows
     with pytest.raises(AssertionError, match="Guard failed"):
-        run(torch.randn(1, 3, smallest - 1, smallest + 10))
+        run(torch.randn(1, 3, sides[0] - 1, sides[0] + 10))
+
+
+def test_the_range_of_sides_is_searched_both_ways():
+    """Traced where a stage map is 1 wide the program keeps it so and has a largest side too."""
+    assert export.search_sides(lambda side: 17 <= side <= 32, 32) == (17, 32)
+    assert export.search_sides(lambda side: side >= 57, 224) == (57, None)
+    assert export.search_sides(lambda side: 5 <= side <= 100, 64) == (5, 100)
+    assert export.check_sizes((32, 32), (17, 32)) == [(1, 32, 32), (3, 32, 32), (1, 25, 23), (3, 25, 23)]
+    assert export.check_sizes((224, 224), (57, None))[2:] == [(1, 169, 143), (3, 169, 143)]
+    assert export.check_sizes((64, 64), (57, None))[2:] == [(1, 57, 57), (3, 57, 57)]
+    assert export.check_sizes((56, 56), None) == [(1, 56, 56), (3, 56, 56)]
 
 
 def test_the_command_writes_a_checked_onnx_file(tmp_path, capsys):
