@@ -21,7 +21,8 @@ authors-train       the authors' STViT, one fp32 training step
 authors-train-amp   their AMP training step: autocast as above, then on CUDA a ``GradScaler``
                     (their ``NativeScaler``) scales the loss, unscales and steps AdamW
 onnx                the model as ``python -m stvit.export --format onnx`` writes it (dynamic batch and
-                    sizes), run in onnxruntime's CPU execution provider with torch's thread count
+                    sizes), run in onnxruntime's CPU execution provider with torch's thread count,
+                    its idle threads not spinning (they would take the cores from the next case)
                     (CPU only; ``pip install "stvit[onnx]"``). Its peak memory is onnxruntime's own,
                     which torch's profiler does not see: not reported
 ==================  =============================================================================
@@ -342,7 +343,7 @@ def onnx_step(model: nn.Module, x: torch.Tensor, device: torch.device) -> Callab
         with tempfile.TemporaryDirectory() as tmp:  # the session keeps the model; the file can go
             path = f"{tmp}/model.onnx"
             export.save_onnx(export.export_program(model, tuple(x.shape[-2:])), path, model)
-            run = export.onnx_runner(path, threads=torch.get_num_threads())
+            run = export.onnx_runner(path, threads=torch.get_num_threads(), spinning=False)
         # As for the authors' twin: timings must compare the same computation.
         error = export.compare(model, run, [tuple(x.shape[:1]) + tuple(x.shape[-2:])])[0]["rel_error"]
     except export.ExportError as e:
