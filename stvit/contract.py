@@ -28,6 +28,10 @@ rng)``                                default: soft-target cross-entropy of ``fo
 ====================================  ============================================================
 
 :class:`ModelBase` supplies the defaults; a family overrides what differs.
+
+Every family traces with ``torch.fx`` (``symbolic_trace``, torchvision's ``create_feature_extractor``):
+the input checks step aside for a traced input (:func:`is_traced`), and what depends on the values
+of sizes runs inside functions the tracer records as one call (``torch.fx.wrap``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import random
 from collections.abc import Sequence
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -123,8 +128,17 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
     return torch.sum(-targets.float() * log_probs, dim=-1).mean()
 
 
+def is_traced(x) -> bool:
+    """True while ``torch.fx`` traces the model: ``x`` is then a Proxy whose sizes are not known, so
+    the input checks (a clear error for an eager call) have nothing to check."""
+    return isinstance(x, torch.fx.Proxy)
+
+
 def check_image_batch(x, in_chans: int) -> None:
-    """A (B, in_chans, H, W) tensor, or a ``ValueError`` that says what to change."""
+    """A (B, in_chans, H, W) tensor, or a ``ValueError`` that says what to change (nothing to check
+    on a traced input)."""
+    if is_traced(x):
+        return
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"expected x of shape (B, C, H, W), a 4-D tensor, got {shape}; "

@@ -51,12 +51,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices,
-                        soft_target_cross_entropy, init_vit_weights)
+from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, init_vit_weights,
+                        is_traced, soft_target_cross_entropy)
 from ..registry import DEFAULT_PRETRAINED_CFG, register_family, register_model
 
 CSA_KERNEL = 3   # CSA's neighbourhood is fixed at 3×3 ...
@@ -158,6 +159,9 @@ def scatter_slots(slots: torch.Tensor, H: int, W: int) -> torch.Tensor:
         for kj in range(CSA_KERNEL):
             out[:, :, ki:ki + 2 * h:2, kj:kj + 2 * w:2] += slots[:, :, CSA_KERNEL * ki + kj]
     return out[:, :, 1:H + 1, 1:W + 1]
+
+
+torch.fx.wrap("scatter_slots")  # torch.fx records it as one call (it adds into slices of a new tensor)
 
 
 class CSA(nn.Module):
@@ -640,6 +644,8 @@ class LVT(ModelBase):
                    for i, layer in enumerate(self.sa_layers) if len(self.backbone[i].blocks))
 
     def check_input(self, x: torch.Tensor) -> None:
+        if is_traced(x):
+            return
         check_image_batch(x, self.in_chans)
         H, W = x.shape[-2:]
         for i, (h, w) in enumerate(stage_sizes(H, W, len(self.backbone))):
@@ -696,7 +702,9 @@ class LVT(ModelBase):
         if not self.with_cls_head:
             maps = self.forward_stages(x)
             return [norm(m).permute(0, 3, 1, 2).contiguous() for norm, m in zip(self.downstream_norms, maps)]
-        if mix_box is None:
+        # torch.fx makes every argument a placeholder: a trace records the inference forward (its
+        # mix_box argument unused), as MixToken is the training loop's input.
+        if mix_box is None or is_traced(mix_box):
             return self.forward_head(self.forward_features(x))
         return self.forward_train(x, mix_box)
 

@@ -31,11 +31,13 @@ from collections.abc import Mapping, Sequence
 from functools import partial
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..contract import DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, init_vit_weights
+from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, init_vit_weights,
+                        is_traced)
 from ..registry import DEFAULT_PRETRAINED_CFG, register_family, register_model
 
 WINDOW = 7  # local-attention window side of the hybrid blocks; fixed in the authors' code
@@ -320,6 +322,15 @@ class HybridScaleAttention(AttentionBase):
         return x.reshape(B, h, H * W, d)
 
 
+def segment(x: torch.Tensor, start: float, end: float) -> torch.Tensor:
+    """The tokens (B, N, C) from fraction ``start`` to ``end`` of N (a reallocation segment)."""
+    N = x.shape[1]
+    return x[:, int(N * start):int(N * end)]
+
+
+torch.fx.wrap("segment")  # torch.fx records it as one call: N is unknown while it traces
+
+
 class TokenReallocationAttention(AttentionBase):
     """Self-guided attention: significance-guided token reallocation.
 
@@ -372,7 +383,7 @@ class TokenReallocationAttention(AttentionBase):
         x = torch.gather(x, 1, order.unsqueeze(-1).expand(B, N, C))  # (B, N, C), least significant first
         merged = []
         for i, (start, end, run) in enumerate(self.segments):
-            seg = x[:, int(N * start):int(N * end)]                     # (B, L, C)
+            seg = segment(x, start, end)                                # (B, L, C)
             runs = seg.reshape(B, -1, run, C).transpose(2, 3)           # (B, L/run, C, run)
             merged.append(getattr(self, f"f{i + 1}")(runs).squeeze(-1))  # (B, L/run, C)
         return torch.cat(merged, dim=1)
@@ -605,6 +616,8 @@ class SGFormer(ModelBase):
         return sizes
 
     def check_input(self, x: torch.Tensor) -> None:
+        if is_traced(x):
+            return
         check_image_batch(x, self.in_chans)
         height, width = x.shape[-2:]
         problems = self.grid_problems(height, width)

@@ -52,7 +52,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, drop_path_rates,
-                        init_vit_weights)
+                        init_vit_weights, is_traced)
 from ..registry import DEFAULT_PRETRAINED_CFG, register_family, register_model
 
 # ---- shared pieces: position table, ViT block, svPN ---------------------------------------------
@@ -435,6 +435,8 @@ class _SecondOrderViT(ModelBase):
         raise NotImplementedError
 
     def check_input(self, x: torch.Tensor) -> None:
+        if is_traced(x):
+            return
         check_image_batch(x, self.in_chans)
         H, W = x.shape[-2:]
         h, w = self.grid_size(H, W)
@@ -589,7 +591,7 @@ class SoViT(_SecondOrderViT):
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         # Every stride-2 op (max-pool, 3×3 convs with padding 1) maps a side n to ⌈n/2⌉.
         k = 8 * self.stride
-        return -(-int(height) // k), -(-int(width) // k)
+        return -(-height // k), -(-width // k)
 
     def _size_rule(self) -> str:
         k, side = 8 * self.stride, math.isqrt(self.num_patches)
@@ -674,7 +676,7 @@ class SoT(_SecondOrderViT):
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         # The stem's max-pool gives ⌈n/2⌉; each pooling transition ⌊n/2⌋.
         k = 2 ** sum(self.pools)
-        return -(-int(height) // 2) // k, -(-int(width) // 2) // k
+        return -(-height // 2) // k, -(-width // 2) // k
 
     def _size_rule(self) -> str:
         k, side = 2 ** sum(self.pools), math.isqrt(self.num_patches)

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
@@ -50,6 +51,21 @@ def gather_neighbours(grid: torch.Tensor) -> torch.Tensor:
     padded = F.pad(grid, (0, 0, 1, 1, 1, 1))
     views = [padded[:, 1 + dy : 1 + dy + hh, 1 + dx : 1 + dx + ww] for dy, dx in NEIGHBOUR_OFFSETS]
     return torch.stack(views, dim=3)
+
+
+def pad_to_grid(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, H, W, C) map zero-padded on the right/bottom to multiples of (h, w); the map itself when
+    they divide it."""
+    H, W = x.shape[1:3]
+    if H % h or W % w:
+        x = F.pad(x, (0, 0, 0, -W % w, 0, -H % h))
+    return x
+
+
+# torch.fx records these as single calls (their sizes are unknown while it traces; einops cannot
+# read a traced tensor's shape).
+torch.fx.wrap("pad_to_grid")
+torch.fx.wrap("rearrange")
 
 
 def scatter_neighbours(slots: torch.Tensor) -> torch.Tensor:
@@ -198,8 +214,7 @@ class SuperTokenAttention(nn.Module):
         h, w = self.stoken_size
         # Token maps are handled as (B, H, W, C) views (free for the model's channels-last maps).
         x = x.permute(0, 2, 3, 1)
-        if H0 % h or W0 % w:
-            x = F.pad(x, (0, 0, 0, -W0 % w, 0, -H0 % h))  # right/bottom zeros; padded tokens take part
+        x = pad_to_grid(x, h, w)  # right/bottom zeros; padded tokens take part
         tokens = form(x, h, w)
 
         assoc, norm = self.association(tokens)
@@ -224,7 +239,8 @@ class SuperTokenAttention(nn.Module):
             norm = scatter_neighbours(tokens.cell_sum(assoc).unsqueeze(-1)) + EPS
             if i < self.n_iter - 1:
                 stokens = scatter_neighbours(tokens.pool(assoc)) / norm
-        return assoc, norm
+        # Detached here already (no_grad); said again for a torch.fx trace, which records no grad mode.
+        return assoc.detach(), norm.detach()
 
 
 TOKEN_FORMS = {"cells": CellTokens, "map": MapTokens}
