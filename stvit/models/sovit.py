@@ -22,8 +22,8 @@ Semantics kept from the authors' code (the float64 goldens check each):
 - the token embedding of each family, sizes and BatchNorm eps/momentum included (So-ViT: the last
   Bottleneck has stride ``img_size // 112``; SoT: the dense layers have no BatchNorm, only ReLUs,
   and the last transition does not pool when ``img_size < 224``);
-- the position table is rounded through float32 as the authors' (``pos_embed`` is a frozen
-  parameter in the state dict);
+- the position table is rounded through float32 as the authors' (``pos_embed``, a frozen
+  parameter in their state dict, is a buffer here under the same key: it is never trained);
 - So-ViT mean removal is per channel; SoT's is one scalar per (sample, head) over all N·r entries;
 - the covariance divides by N; svPN works on Pᵀ in So-ViT and on P in SoT;
 - svPN's start vector is the learned, unnormalised ``weight``, the same for every singular value;
@@ -403,9 +403,10 @@ class _SecondOrderViT(ModelBase):
         self.grad_checkpointing = False
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # A fixed table, never trained: a buffer (the authors' frozen parameter, under the same key),
+        # on the device models are being built on (the meta device included).
         table = sinusoid_table(num_patches + 1, embed_dim)
-        self.pos_embed = nn.Parameter(table.to(torch.get_default_device(), torch.get_default_dtype()),
-                                      requires_grad=False)
+        self.register_buffer("pos_embed", table.to(torch.get_default_device(), torch.get_default_dtype()))
         self.visual_tokens = visual_tokens
         self.pos_drop = nn.Dropout(drop_rate)
         rates = drop_path_rates(drop_path_rate, depth)
@@ -800,8 +801,9 @@ _CFG = dict(fixed_input_size=True, input_size=(3, 224, 224), crop_pct=0.875, int
 # set another scale only with pretrained=True, which their training and evaluation never pass.
 SOVIT_CONFIGS: dict[str, dict] = {
     # Ours, for demos and tests: the cheapest So-ViT the design allows (img_size 112, the smallest
-    # it takes: 14×14 tokens from the fixed-width ResNet stem; a thin, shallow ViT and head).
-    "sovit_tiny": dict(img_size=112, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, token_dim=16,
+    # it takes: 14×14 tokens from the fixed-width ResNet stem; a thin, shallow ViT and head). Depth 3:
+    # its feature levels are its blocks, and a backbone gives three (timm's ViT convention).
+    "sovit_tiny": dict(img_size=112, embed_dim=64, depth=3, num_heads=2, mlp_ratio=2.0, token_dim=16,
                        dimension_reduction=(16, 8), regular=None),
     "So_vit_7": dict(embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0, dimension_reduction=(48, 24), regular=None),
     "So_vit_10": dict(embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0, dimension_reduction=(48, 24), regular=None),
@@ -809,9 +811,10 @@ SOVIT_CONFIGS: dict[str, dict] = {
     "So_vit_19": dict(embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0, dimension_reduction=(96, 48), regular=0.5),
 }
 SOT_CONFIGS: dict[str, dict] = {
-    # Ours, for demos and tests: img_size 112 (the last transition does not pool; 14×14 tokens).
-    # Not "sot_tiny": names are case-insensitive, and that one is the authors' SoT_Tiny.
-    "sot_mini": dict(img_size=112, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, head_num_heads=2,
+    # Ours, for demos and tests: img_size 112 (the last transition does not pool; 14×14 tokens), depth 3
+    # (three feature levels, as sovit_tiny). Not "sot_tiny": names are case-insensitive, and that one
+    # is the authors' SoT_Tiny.
+    "sot_mini": dict(img_size=112, embed_dim=64, depth=3, num_heads=2, mlp_ratio=2.0, head_num_heads=2,
                      wr_dim=6, regular=None),
     "SoT_Tiny": dict(embed_dim=240, depth=12, num_heads=4, mlp_ratio=2.5, head_num_heads=6, wr_dim=14, regular=None),
     "SoT_Small": dict(embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.5, head_num_heads=6, wr_dim=24, regular=0.5),
