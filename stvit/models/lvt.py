@@ -56,8 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, init_vit_weights,
-                        is_traced, soft_target_cross_entropy)
+from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, check_output_fmt,
+                        feature_take_indices, init_vit_weights, is_traced, levels_up_to, soft_target_cross_entropy)
 from ..registry import DEFAULT_PRETRAINED_CFG, register_family, register_model
 
 CSA_KERNEL = 3   # CSA's neighbourhood is fixed at 3×3 ...
@@ -541,6 +541,9 @@ class LVT(ModelBase):
     backbone (``lvt(with_cls_head=False)``): 4 NCHW stage maps, each after its ``downstream_norms``.
     ``features_only=True``: the stage maps selected by ``out_indices`` (strides 4/8/16/32, NCHW,
     no norm), no post layers or heads.
+
+    The feature levels of ``forward_intermediates`` are the 4 stage maps (NCHW); ``head_hidden_size``
+    is the class token's width (the pre-logits, as timm's VOLO).
     """
 
     def __init__(self, layers: Sequence[int] = (2, 2, 2, 2), embed_dims: Sequence[int] = (64, 64, 160, 256),
@@ -571,7 +574,7 @@ class LVT(ModelBase):
         self.sr_ratios, self.sa_layers = [int(r) for r in sr_ratios], list(sa_layers)
         self.rasa_cfg = rasa_cfg
         self.with_cls_head, self.features_only = with_cls_head, features_only
-        self.num_features = embed_dims[-1]
+        self.num_features = self.head_hidden_size = embed_dims[-1]
         self.mix_scale = 2 ** (S - 1)  # stage-1 tokens per stage-4 token along a side (official pooling_scale 8)
         self.drop_rate = drop_rate     # accepted, unused (as in the official code); so is patch_size
         self.grad_checkpointing = False
@@ -657,15 +660,16 @@ class LVT(ModelBase):
                                  f"the minimum input side is {side} (e.g. {side}×{side})")
 
     # ---- forward ---------------------------------------------------------------------------
-    def forward_stages(self, x: torch.Tensor, mix_box=None) -> list[torch.Tensor]:
-        """The 4 stage maps, channels-last (B, H_i, W_i, C_i), each the output of its last block.
+    def forward_stages(self, x: torch.Tensor, mix_box=None, last: int | None = None) -> list[torch.Tensor]:
+        """The stage maps up to stage ``last`` (all by default), channels-last (B, H_i, W_i, C_i), each
+        the output of its last block.
 
         ``mix_box``: MixToken (token labelling), applied after stage 1's patch embed and before its
         blocks: the box's stage-1 tokens (box × ``mix_scale``) come from the batch reversed.
         """
         self.check_input(x)
         outs = []
-        for i, stage in enumerate(self.backbone):
+        for i, stage in enumerate(self.backbone[:None if last is None else last + 1]):
             x = stage.patch_embed(x)
             if i == 0 and mix_box is not None:
                 x = mix_tokens(x, mix_box, self.mix_scale)
@@ -673,35 +677,97 @@ class LVT(ModelBase):
             outs.append(x)
         return outs
 
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API over the 4 stage maps (see stvit/contract.py): ``(final features, maps)``
+        or the maps alone, in stage order. ``norm=True`` applies the norm that fits a map: the official
+        backbone's ``downstream_norms`` (``with_cls_head=False``) to every map, the classifier's final
+        ``norm`` to the last stage's. The final features are those of :meth:`forward_features` (the
+        tokens of the last stage run, with ``stop_early`` before the last)."""
+        check_output_fmt(output_fmt)
+        take, last = feature_take_indices(len(self.backbone), indices)
+        stop = last if stop_early or intermediates_only else len(self.backbone) - 1
+        maps = self.forward_stages(x, last=stop)
+        intermediates = [(self._level_norm(i, maps[i]) if norm else maps[i]).permute(0, 3, 1, 2).contiguous()
+                         for i in sorted(set(take))]
+        if intermediates_only:
+            return intermediates
+        final = maps[stop].flatten(1, 2)                                       # (B, N, C)
+        if stop == len(self.backbone) - 1 and self.with_cls_head and not self.features_only:
+            final = self._head_tokens(final)
+        return final, intermediates
+
+    def _level_norm(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if not self.with_cls_head and not self.features_only:
+            return self.downstream_norms[i](x)
+        if hasattr(self, "norm") and i == len(self.backbone) - 1:
+            return self.norm(x)
+        return x
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Keep what the stage maps ``indices`` need (timm's API, as its VOLO): the stages after the last
+        one go, and with them the final norm and the head; ``prune_head`` removes the class token, the
+        post layers and both classifiers (``forward_head`` then returns the tokens it is given),
+        ``prune_norm`` the final norm (the official backbone's ``downstream_norms``)."""
+        take, last = feature_take_indices(len(self.backbone), indices)
+        if last < len(self.backbone) - 1:
+            self.backbone = self.backbone[:last + 1]
+            if not self.with_cls_head and not self.features_only:
+                self.downstream_norms = self.downstream_norms[:last + 1]
+            self.feature_info = levels_up_to(self, last)
+            prune_head = prune_norm = True  # both are sized for the last stage
+        if self.features_only:
+            return take
+        if not self.with_cls_head:
+            if prune_norm:
+                self.downstream_norms = nn.ModuleList(nn.Identity() for _ in self.downstream_norms)
+            return take
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.cls_token, self.post_network, self.aux_head = None, None, None
+            self.head = nn.Identity()
+            self.num_classes = 0
+            self.num_features = self.head_hidden_size = self.embed_dims[last]
+            self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": 0}
+        return take
+
     def forward_features(self, x: torch.Tensor, mix_box=None) -> torch.Tensor:
         """(B, C, H, W) image -> (B, 1 + N, C) normalised tokens: the class token, then the N stage-4
         tokens (row-major), after the post layers (which only update the class token) and ``norm``."""
-        if not hasattr(self, "post_network"):
+        if self.features_only or not self.with_cls_head:
             raise ValueError("forward_features needs the classifier (built with features_only=False and "
                              "with_cls_head=True); this model returns stage maps from forward()")
-        x = self.forward_stages(x, mix_box)[-1]
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(1, 2)], dim=1)
-        for block in self.post_network:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        return self._head_tokens(self.forward_stages(x, mix_box)[-1].flatten(1, 2))
+
+    def _head_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) last-stage tokens -> [class token; tokens] through the post layers, then ``norm``
+        (without a class token and post layers once the head is pruned)."""
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            for block in self.post_network:
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, use_reentrant=False)
+                else:
+                    x = block(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens from :meth:`forward_features` -> eval logits ``head(cls) + 0.5·max_tokens aux_head``
-        (a max per class); ``pre_logits``: the class token's features (B, C), as timm's VOLO."""
+        (a max per class); ``pre_logits``: the class token's features (B, C), as timm's VOLO. With
+        the head pruned: the tokens as they are."""
+        if getattr(self, "cls_token", None) is None:
+            return x
         if pre_logits:
             return x[:, 0]
         return self.head(x[:, 0]) + EVAL_AUX_WEIGHT * self.aux_head(x[:, 1:]).max(dim=1).values
 
     def forward(self, x: torch.Tensor, mix_box=None):
         if self.features_only:
-            maps = self.forward_stages(x)
-            return [maps[i].permute(0, 3, 1, 2).contiguous() for i in self.out_indices]
+            return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
         if not self.with_cls_head:
-            maps = self.forward_stages(x)
-            return [norm(m).permute(0, 3, 1, 2).contiguous() for norm, m in zip(self.downstream_norms, maps)]
+            return self.forward_intermediates(x, norm=True, intermediates_only=True)
         # torch.fx makes every argument a placeholder: a trace records the inference forward (its
         # mix_box argument unused), as MixToken is the training loop's input.
         if mix_box is None or is_traced(mix_box):
@@ -749,21 +815,21 @@ class LVT(ModelBase):
 
     def reset_classifier(self, num_classes: int) -> None:
         """New ``head`` and ``aux_head`` for ``num_classes`` (0: identity, the heads return features)."""
-        if not hasattr(self, "head"):
-            raise ValueError("this model has no classifier (features_only or with_cls_head=False)")
-        ref = self.norm.weight
+        if getattr(self, "cls_token", None) is None:
+            raise ValueError("this model has no classifier (features_only, with_cls_head=False, or pruned by "
+                             "prune_intermediate_layers)")
         self.num_classes = num_classes
         for name in ("head", "aux_head"):
             layer = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
             if num_classes > 0:
                 nn.init.trunc_normal_(layer.weight, std=0.02)
                 nn.init.zeros_(layer.bias)
-            setattr(self, name, layer.to(ref.device, ref.dtype))
+            setattr(self, name, self.placed(layer))
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
 
     def no_weight_decay(self) -> set[str]:
         """lvt_cls.py ``no_weight_decay``: the class token."""
-        return {"cls_token"} if hasattr(self, "cls_token") else set()
+        return {"cls_token"} if getattr(self, "cls_token", None) is not None else set()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every backbone block's (and, with it, every post layer's) activations in backward."""
@@ -773,7 +839,7 @@ class LVT(ModelBase):
 
     def repeated_blocks(self) -> list[nn.Module]:
         blocks = [block for stage in self.backbone for block in stage.blocks]
-        return blocks + list(getattr(self, "post_network", []))
+        return blocks + list(getattr(self, "post_network", None) or [])
 
 
 def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module) -> dict:

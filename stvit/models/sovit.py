@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, drop_path_rates,
-                        init_vit_weights, is_traced)
+from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, check_output_fmt,
+                        drop_path_rates, feature_take_indices, init_vit_weights, is_traced, levels_up_to)
 from ..registry import DEFAULT_PRETRAINED_CFG, register_family, register_model
 
 # ---- shared pieces: position table, ViT block, svPN ---------------------------------------------
@@ -380,7 +380,12 @@ def _linear(in_features: int, num_classes: int) -> nn.Module:
 
 class _SecondOrderViT(ModelBase):
     """Token embedding -> [class token; tokens] + fixed sinusoid table -> ViT blocks -> LayerNorm ->
-    the family's two-part classifier. Subclasses build ``visual_tokens`` and ``classifier``."""
+    the family's two-part classifier. Subclasses build ``visual_tokens`` and ``classifier``.
+
+    The feature levels (``feature_info``, ``forward_intermediates``) are the ViT blocks, as for
+    timm's ViT: each block's visual tokens as a (B, E, h, w) map, the class token left out.
+    ``head_hidden_size`` is the width of the pre-logits, [class token; second-order features].
+    """
 
     family_title = ""
 
@@ -397,7 +402,7 @@ class _SecondOrderViT(ModelBase):
         act_layer = act_layer or nn.GELU
         self.img_size, self.in_chans, self.embed_dim = img_size, in_chans, embed_dim
         self.num_classes = 0 if features_only else num_classes
-        self.num_features = embed_dim
+        self.num_features = self.head_hidden_size = embed_dim
         self.features_only = features_only
         self.num_patches = num_patches
         self.grad_checkpointing = False
@@ -417,13 +422,14 @@ class _SecondOrderViT(ModelBase):
         stride_info = lambda i: dict(num_chs=embed_dim, reduction=grid_stride, module=f"blocks.{i}")  # noqa: E731
         if features_only:
             # An isotropic backbone (timm's ViT convention): chosen blocks' tokens as (B, E, h, w) maps.
-            default = range(max(0, depth - 3), depth)  # the last three blocks
+            default = min(3, depth)  # the last three blocks
             self.out_indices = check_out_indices(default if out_indices is None else out_indices, depth, "block")
             self.feature_info = FeatureInfo(stride_info(i) for i in self.out_indices)
         else:
             self.classifier = head()
+            self.head_hidden_size = embed_dim + self.classifier.pool_dim
             self.norm = norm_layer(embed_dim)
-            self.feature_info = FeatureInfo(stride_info(i) for i in range(max(0, depth - 3), depth))
+            self.feature_info = FeatureInfo(stride_info(i) for i in range(depth))
         self.apply(init_vit_weights)  # as the authors; convs keep their own (Kaiming in CrossCovariance)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
@@ -458,19 +464,44 @@ class _SecondOrderViT(ModelBase):
             return checkpoint(block, x, use_reentrant=False)
         return block(x)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
-        """The outputs of blocks ``indices`` as (B, E, h, w) maps (class token dropped)."""
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API over the blocks (see stvit/contract.py): ``(final features, maps)`` or the
+        maps alone, in block order: each block's visual tokens as a (B, E, h, w) map (class token
+        dropped), after the final LayerNorm with ``norm=True``. The final features are those of
+        :meth:`forward_features` (of the last block run, with ``stop_early``)."""
+        check_output_fmt(output_fmt)
+        take, last = feature_take_indices(len(self.blocks), indices)
         self.check_input(x)
         h, w = self.grid_size(*x.shape[-2:])
+        stop = last if stop_early or intermediates_only else len(self.blocks) - 1
         x = self._tokens(x)
-        outs, last = [], max(indices)
-        for i, block in enumerate(self.blocks):
+        final_norm = getattr(self, "norm", nn.Identity())
+        maps = []
+        for i, block in enumerate(self.blocks[:stop + 1]):
             x = self._run_block(block, x)
-            if i in indices:
-                outs.append(x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w))
-            if i >= last:
-                break
-        return outs
+            if i in take:
+                tap = final_norm(x) if norm else x
+                maps.append(tap[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w))
+        return maps if intermediates_only else (final_norm(x), maps)
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Keep what the block maps ``indices`` need (timm's API): the blocks after the last one go;
+        ``prune_norm`` removes the final LayerNorm, ``prune_head`` the classifier (its second-order
+        pooling included: ``forward_head`` then returns the tokens it is given)."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        if last < len(self.blocks) - 1:
+            self.blocks = self.blocks[:last + 1]
+            self.feature_info = levels_up_to(self, last)
+        if prune_norm and hasattr(self, "norm"):
+            self.norm = nn.Identity()
+        if prune_head and not self.features_only:
+            self.classifier = None
+            self.num_classes = 0
+            self.head_hidden_size = self.embed_dim
+            self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": 0}
+        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) image -> (B, 1 + N, E) tokens after the final LayerNorm, class token first."""
@@ -488,6 +519,8 @@ class _SecondOrderViT(ModelBase):
         ``pre_logits=True`` (and a model with ``num_classes=0``) gives the classifier's inputs
         side by side: ``cat([class token (E), second-order features (pool_dim)], 1)``.
         """
+        if self.classifier is None:  # pruned (prune_intermediate_layers)
+            return x
         cls, visual = x[:, 0], self.classifier.pool(x[:, 1:])
         if pre_logits or self.num_classes == 0:
             return torch.cat((cls, visual), 1)
@@ -495,7 +528,7 @@ class _SecondOrderViT(ModelBase):
 
     def forward(self, x: torch.Tensor):
         if self.features_only:
-            return self.forward_intermediates(x, self.out_indices)
+            return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
         return self.forward_head(self.forward_features(x))
 
     # ---- the contract's API -------------------------------------------------------------------
@@ -503,23 +536,24 @@ class _SecondOrderViT(ModelBase):
         """The authors' ``classifier`` module. Its two parts depend on ``num_classes``:
         ``classifier.cls_fc`` (class token) and ``classifier.visual_fc`` (second-order features),
         which ``pretrained_cfg["classifier"]`` names; the logits are their sum."""
-        if self.features_only:
-            raise ValueError("a features_only model has no classifier; build it with features_only=False")
+        if self.features_only or self.classifier is None:
+            raise ValueError("this model has no classifier (features_only, or pruned by prune_intermediate_layers); "
+                             "build it with features_only=False")
         return self.classifier
 
     def reset_classifier(self, num_classes: int) -> None:
         """New ``cls_fc`` and ``visual_fc`` for ``num_classes`` (0: both removed, and the model returns
         the pre-logits features); the second-order pooling is kept."""
-        if self.features_only:
-            raise ValueError("a features_only model has no classifier; build it with features_only=False")
-        like = self.cls_token
+        if self.features_only or self.classifier is None:
+            raise ValueError("this model has no classifier (features_only, or pruned by prune_intermediate_layers); "
+                             "build it with features_only=False")
         self.num_classes = num_classes
         head = self.classifier
         head.cls_fc = _linear(self.embed_dim, num_classes)
         head.visual_fc = _linear(head.pool_dim, num_classes)
         for fc in (head.cls_fc, head.visual_fc):
             init_vit_weights(fc)
-            fc.to(like.device, like.dtype)
+            self.placed(fc)
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
 
     def no_weight_decay(self) -> set[str]:
