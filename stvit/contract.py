@@ -205,6 +205,14 @@ def check_output_fmt(output_fmt: str) -> None:
         raise ValueError(f"output_fmt={output_fmt!r}: the intermediate features are NCHW maps; use output_fmt='NCHW'")
 
 
+def check_fixed_pooling(global_pool: str | None, pooling: str) -> None:
+    """timm's ``reset_classifier(num_classes, global_pool)`` for a head whose pooling is its design:
+    only None (keep it) is accepted."""
+    if global_pool is not None:
+        raise ValueError(f"global_pool={global_pool!r}: this model pools with {pooling}, which global_pool cannot "
+                         f"change; pass None, or build the model with features_only=True for its feature maps")
+
+
 def check_global_pool(global_pool: str) -> str:
     """timm's ``global_pool`` of a model whose head averages a map: 'avg', or '' for none (the head
     then takes the unpooled map)."""

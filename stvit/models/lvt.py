@@ -56,8 +56,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, check_output_fmt,
-                        feature_take_indices, init_vit_weights, is_traced, levels_up_to, soft_target_cross_entropy)
+from ..contract import (DropPath, FeatureInfo, ModelBase, check_fixed_pooling, check_image_batch, check_out_indices,
+                        check_output_fmt, feature_take_indices, init_vit_weights, is_traced, levels_up_to,
+                        soft_target_cross_entropy)
 from ..registry import DEFAULT_PRETRAINED_CFG, register_family, register_model
 
 CSA_KERNEL = 3   # CSA's neighbourhood is fixed at 3×3 ...
@@ -813,8 +814,10 @@ class LVT(ModelBase):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """New ``head`` and ``aux_head`` for ``num_classes`` (0: identity, the heads return features)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New ``head`` and ``aux_head`` for ``num_classes`` (0: identity, the heads return features);
+        ``global_pool``: None only."""
+        check_fixed_pooling(global_pool, "its class token and the token head's maximum")
         if getattr(self, "cls_token", None) is None:
             raise ValueError("this model has no classifier (features_only, with_cls_head=False, or pruned by "
                              "prune_intermediate_layers)")

@@ -51,8 +51,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, check_output_fmt,
-                        drop_path_rates, feature_take_indices, init_vit_weights, is_traced, levels_up_to)
+from ..contract import (DropPath, FeatureInfo, ModelBase, check_fixed_pooling, check_image_batch, check_out_indices,
+                        check_output_fmt, drop_path_rates, feature_take_indices, init_vit_weights, is_traced,
+                        levels_up_to)
 from ..registry import DEFAULT_PRETRAINED_CFG, register_family, register_model
 
 # ---- shared pieces: position table, ViT block, svPN ---------------------------------------------
@@ -541,9 +542,10 @@ class _SecondOrderViT(ModelBase):
                              "build it with features_only=False")
         return self.classifier
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New ``cls_fc`` and ``visual_fc`` for ``num_classes`` (0: both removed, and the model returns
-        the pre-logits features); the second-order pooling is kept."""
+        the pre-logits features); the second-order pooling is kept (``global_pool``: None only)."""
+        check_fixed_pooling(global_pool, "its class token and second-order features")
         if self.features_only or self.classifier is None:
             raise ValueError("this model has no classifier (features_only, or pruned by prune_intermediate_layers); "
                              "build it with features_only=False")
