@@ -9,6 +9,11 @@ it ships, here for ours: the family's module in ``FEAT_INTER_FILTERS`` (its mode
 ``forward_intermediates``, so the feature and pruning tests select them) and, for families whose
 ``forward_features`` gives tokens rather than an NCHW map, its models in ``NON_STD_FILTERS``.
 
+Every selected case must pass, but for one check that cannot hold by design: timm's
+``test_model_default_cfgs_non_std`` wants the pre-logits of a token model as wide as its tokens, and
+So-ViT's and SoT's are [class token; second-order features]. That case is a strict expected failure
+(on an AssertionError), and the rest of that test runs separately through timm's own helpers.
+
 By default the subprocess tests the small variant of every family (our demo models); with
 ``STVIT_TIMM_TESTS=all`` it tests every registered variant (minutes on a CPU).
 """
