@@ -170,9 +170,9 @@ def scatter_slots(slots: torch.Tensor, H: int, W: int) -> torch.Tensor:
 
     Sorted by the parity of the padded position, the fold has no overlaps left to resolve: each
     output pixel is a sum of at most four shifted slot maps (see :func:`_fold_axis`), rows first,
-    then columns. Channels stay innermost, so the whole fold is one pass over the map without
-    strided writes (``F.fold`` and nine strided in-place adds into an NCHW buffer were the slowest
-    kernels of LVT, eager and compiled alike)."""
+    then columns. Channels stay innermost, so the fold is one pass over the map without strided
+    writes: nine strided in-place adds into an NCHW buffer were compiled LVT's slowest kernel (a
+    third of its step), and inductor miscompiles ``F.fold`` of a permuted input on CPU."""
     rows = _fold_axis(slots, 1, 3)                                            # (B, 2h + 2, w, 3, C)
     out = _fold_axis(rows, 2, 3)                                              # (B, 2h + 2, 2w + 2, C)
     return out[:, 1:H + 1, 1:W + 1]
@@ -228,7 +228,7 @@ class CSA(nn.Module):
 
         # Each cell writes 9 slots; they are summed onto the (H, W) map (outside slots dropped).
         out = attn @ v                                                          # (B, heads, L, 9 i, d)
-        out = out.permute(0, 2, 3, 1, 4).reshape(B, h, w, CSA_KERNEL, CSA_KERNEL, C)  # channel head·d + j
+        out = out.permute(0, 2, 3, 1, 4).reshape(B, h, w, CSA_KERNEL, CSA_KERNEL, C)  # channel head·d + e
         return self.proj_drop(self.proj(scatter_slots(out, H, W)))
 
 
