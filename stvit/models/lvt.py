@@ -138,28 +138,46 @@ def stage_sizes(height: int, width: int, num_stages: int) -> list[tuple[int, int
 # ---- attention ----------------------------------------------------------------------------------
 
 def gather_slots(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, 9, h, w): the 3×3 neighbourhood (padding 1, stride 2) of each cell,
+    """(B, H, W, C) -> (9, B, h, w, C): the 3×3 neighbourhood (padding 1, stride 2) of each cell,
     slot kk = 3·ki + kj row-major, zeros outside the image (``F.unfold(x, 3, padding=1, stride=2)``).
 
     Nine strided views of the zero-padded map: cell (a, b)'s slot (ki, kj) is pixel
-    (2a − 1 + ki, 2b − 1 + kj), i.e. padded pixel (2a + ki, 2b + kj)."""
-    H, W = x.shape[-2:]
-    xp = F.pad(x, (1, 2 * w - W, 1, 2 * h - H))                              # (B, C, 2h + 1, 2w + 1)
-    return torch.stack([xp[:, :, ki:ki + 2 * h:2, kj:kj + 2 * w:2]
-                        for ki in range(CSA_KERNEL) for kj in range(CSA_KERNEL)], dim=2)
+    (2a − 1 + ki, 2b − 1 + kj), i.e. padded pixel (2a + ki, 2b + kj). Channels stay innermost."""
+    H, W = x.shape[1:3]
+    xp = F.pad(x, (0, 0, 1, 2 * w - W, 1, 2 * h - H))                        # (B, 2h + 1, 2w + 1, C)
+    return torch.stack([xp[:, ki:ki + 2 * h:2, kj:kj + 2 * w:2]
+                        for ki in range(CSA_KERNEL) for kj in range(CSA_KERNEL)])
+
+
+def _fold_axis(slots: torch.Tensor, dim: int, slot_dim: int) -> torch.Tensor:
+    """One axis of :func:`scatter_slots`: ``slots`` has n cells along ``dim`` and their 3 slots of
+    this axis along ``slot_dim`` (> ``dim``); returns the 2n + 2 padded positions along ``dim``.
+
+    Slot k of cell a lands on padded position 2a + k: even positions 2p take slot 0 of cell p and
+    slot 2 of cell p − 1, odd positions 2p + 1 take slot 1 of cell p (the last odd position, 2n + 1,
+    is outside every map and stays zero)."""
+    def placed(k: int, first: int) -> torch.Tensor:  # slot k's n cells at positions first..first+n-1 of n+1
+        part = slots.select(slot_dim, k)
+        return F.pad(part, [0, 0] * (part.ndim - 1 - dim) + [first, 1 - first])
+
+    even = placed(0, 0) + placed(2, 1)
+    odd = placed(1, 0)
+    return torch.stack([even, odd], dim=dim + 1).flatten(dim, dim + 1)      # interleaved: n + 1 pairs
 
 
 def scatter_slots(slots: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """The adjoint of :func:`gather_slots` (``F.fold(..., (H, W), 3, padding=1, stride=2)``):
-    (B, C, 9, h, w) -> (B, C, H, W), summing overlapping slots without normalising and dropping
-    those outside the image. (Written as nine shifted adds: inductor miscompiles ``F.fold`` of a
-    permuted input on CPU, and unfold's backward is a fold.)"""
-    B, C, _, h, w = slots.shape
-    out = slots.new_zeros(B, C, 2 * h + 1, 2 * w + 1)
-    for ki in range(CSA_KERNEL):
-        for kj in range(CSA_KERNEL):
-            out[:, :, ki:ki + 2 * h:2, kj:kj + 2 * w:2] += slots[:, :, CSA_KERNEL * ki + kj]
-    return out[:, :, 1:H + 1, 1:W + 1]
+    (B, h, w, 3, 3, C) slots -> (B, H, W, C), summing overlapping slots without normalising and
+    dropping those outside the image.
+
+    Sorted by the parity of the padded position, the fold has no overlaps left to resolve: each
+    output pixel is a sum of at most four shifted slot maps (see :func:`_fold_axis`), rows first,
+    then columns. Channels stay innermost, so the fold is one pass over the map without strided
+    writes: nine strided in-place adds into an NCHW buffer were compiled LVT's slowest kernel (a
+    third of its step), and inductor miscompiles ``F.fold`` of a permuted input on CPU."""
+    rows = _fold_axis(slots, 1, 3)                                            # (B, 2h + 2, w, 3, C)
+    out = _fold_axis(rows, 2, 3)                                              # (B, 2h + 2, 2w + 2, C)
+    return out[:, 1:H + 1, 1:W + 1]
 
 
 torch.fx.wrap("scatter_slots")  # torch.fx records it as one call (it adds into slices of a new tensor)
@@ -198,27 +216,25 @@ class CSA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         k2, heads = CSA_KERNEL * CSA_KERNEL, self.num_heads
-        x_nchw = x.permute(0, 3, 1, 2)
 
         # Attention per cell: (B, heads, L, 9 written slots i, 9 read neighbours j), softmax over j.
-        pooled = F.avg_pool2d(x_nchw, CSA_STRIDE, CSA_STRIDE, ceil_mode=True)  # (B, C, h, w)
-        L = pooled.shape[-2] * pooled.shape[-1]
-        attn = self.attn(pooled.flatten(2).transpose(1, 2))                     # (B, L, heads·81)
+        pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), CSA_STRIDE, CSA_STRIDE, ceil_mode=True)  # (B, C, h, w)
+        h, w = pooled.shape[-2:]
+        L = h * w
+        attn = self.attn(pooled.permute(0, 2, 3, 1).reshape(B, L, C))          # (B, L, heads·81)
         attn = attn.view(B, L, heads, k2, k2).transpose(1, 2) * self.scale
         attn = self.attn_drop(attn.softmax(dim=-1))
 
         # Values: the 3×3 neighbours (zeros outside the image), each through its slot's matrix.
-        h, w = pooled.shape[-2:]
-        patches = gather_slots(x_nchw, h, w)                                    # (B, C, 9, h, w)
+        patches = gather_slots(x, h, w).reshape(k2, B * L, C)                  # (9, B·L, C_in)
         slot_weight = self.weight.weight.view(k2, C, C)                         # (slot, C_out, C_in)
-        v = torch.einsum("bckl,koc->blko", patches.flatten(3), slot_weight)    # (B, L, 9, C)
-        v = v.reshape(B, L, k2, heads, C // heads).permute(0, 3, 1, 2, 4)      # (B, heads, L, 9, d)
+        v = torch.bmm(patches, slot_weight.transpose(1, 2))                     # (9, B·L, C_out)
+        v = v.view(k2, B, L, heads, C // heads).permute(1, 3, 2, 0, 4)         # (B, heads, L, 9, d)
 
         # Each cell writes 9 slots; they are summed onto the (H, W) map (outside slots dropped).
         out = attn @ v                                                          # (B, heads, L, 9 i, d)
-        out = out.permute(0, 1, 4, 3, 2).reshape(B, C, k2, h, w)                # channel head·d + j
-        out = scatter_slots(out, H, W)                                          # (B, C, H, W)
-        return self.proj_drop(self.proj(out.permute(0, 2, 3, 1)))
+        out = out.permute(0, 2, 3, 1, 4).reshape(B, h, w, CSA_KERNEL, CSA_KERNEL, C)  # channel head·d + e
+        return self.proj_drop(self.proj(scatter_slots(out, H, W)))
 
 
 class DilatedQueryConv(nn.Module):
