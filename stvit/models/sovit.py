@@ -404,8 +404,9 @@ class _SecondOrderViT(ModelBase):
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         table = sinusoid_table(num_patches + 1, embed_dim)
-        self.pos_embed = nn.Parameter(table.to(torch.get_default_device(), torch.get_default_dtype()),
-                                      requires_grad=False)
+        # torch.empty follows the default device and dtype, a `with torch.device("meta")` block
+        # included; torch.get_default_device() sees such a block only from torch 2.8 on (pytorch#148621).
+        self.pos_embed = nn.Parameter(torch.empty(table.shape).copy_(table), requires_grad=False)
         self.visual_tokens = visual_tokens
         self.pos_drop = nn.Dropout(drop_rate)
         rates = drop_path_rates(drop_path_rate, depth)
