@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import stvit
+from conftest import needs_cpu_fsdp2
 from stvit.contract import ModelBase
 from train.__main__ import main as train_main
 from train.synthetic import ensure_demo_dataset
@@ -225,6 +226,7 @@ shutdown()
 """
 
 
+@needs_cpu_fsdp2
 def test_fsdp2_wraps_every_family_on_two_processes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(FSDP_WORKER)
