@@ -182,6 +182,19 @@ def test_authors_code_errors_are_clear(tmp_path):
         import_authors_module(bogus)
 
 
+
+def test_authors_file_imports_beside_timm_without_touching_its_registry(tmp_path):
+    """Their file registers its models with timm's register_model: with timm installed (the test extra,
+    the GPU machine) it imports, and timm's registry is left without them."""
+    timm = pytest.importorskip("timm")
+    fake = tmp_path / "stvit.py"
+    fake.write_text("from timm.models.registry import register_model\n"
+                    "class STViT: pass\n"
+                    "@register_model\n"
+                    "def stvit_fake_authors(**kw): return None\n")
+    module = import_authors_module(fake)
+    assert module.stvit_fake_authors() is None and "stvit_fake_authors" not in timm.list_models()
+
 def test_scaling_json_plot_and_budget_skip(tmp_path):
     out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
     cli.main(["scaling", "--default-allocator", "--device", "cpu", "--sides", "8", "16", "--dim", "16", "--heads", "2",
