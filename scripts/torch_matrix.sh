@@ -64,7 +64,7 @@ minutes=$(( (SECONDS - start + 30) / 60 ))
 summary=$(grep -E '^=*.*(passed|failed|error|skipped).* in [0-9.]+s' "$log" | tail -1 | sed 's/^=* *//; s/ *=*$//')
 count() { echo "$summary" | grep -oE "[0-9]+ $1" | grep -oE '^[0-9]+' || echo 0; }
 if [ $remove = 1 ]; then rm -rf "$venv"; echo "== removed $venv"; fi
-args=${pytest_args[*]:+ -- ${pytest_args[*]}}
+args=$([ ${#pytest_args[@]} -gt 0 ] && printf ' --' && printf ' %q' "${pytest_args[@]}")
 pyarg=$([ "$python" = python3 ] && echo "" || echo " $python")
 echo "| $torch_version | $("$python" -c 'import platform; print(platform.python_version())') | $(count passed) | $(count failed) | $(count skipped) | $(count error) | $(date -u +%F) | ${minutes} min | \`bash scripts/torch_matrix.sh $version$pyarg$args\` |"
 exit "$rc"

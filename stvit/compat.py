@@ -51,14 +51,15 @@ def raise_recompile_limit(graphs: int) -> None:
 
 
 # FSDP2 over CPU processes (gloo) trains correctly from torch 2.9 on. Measured with two processes
-# against one (scripts/torch_matrix.sh and the same model on two gloo processes, the weights after
-# three steps): torch 2.6 stops, 2.7 and 2.8 train wrongly and silently, 2.9, 2.10 and 2.13 match. Why, read in
-# torch's source: torch.cpu.Stream lacks the record_event and wait_event that FSDP2 calls (added in 2.7,
-# pytorch/pytorch#145935); FSDP2's copy of the gathered parameters into their buffer counts, on a CPU, as
-# an in-place change of tensors the backward still needs, so the backward stops (hidden from 2.7 on,
-# pytorch/pytorch#133044); and gloo's reduce-scatter takes ReduceOp.AVG, which FSDP2 asks for, as a sum,
-# so each process's gradient comes out multiplied by their number (up to 2.8). FSDP2 on GPUs has none of
-# these (CUDA streams, CUDA's copy, NCCL's average), as read in torch 2.6's source; no GPU ran it here.
+# against one (scripts/torch_matrix.sh, and one small model on two gloo processes, its weights after
+# three steps): torch 2.6 stops, 2.7 and 2.8 train wrongly and silently, 2.9, 2.10 and 2.13 match.
+# Why, read in torch's source: torch.cpu.Stream lacks the record_event and wait_event that FSDP2 calls
+# (added in 2.7, pytorch/pytorch#145935); FSDP2's copy of the gathered parameters into their buffer
+# counts, on a CPU, as an in-place change of tensors the backward still needs, so the backward stops
+# (hidden from 2.7 on, pytorch/pytorch#133044); and gloo's reduce-scatter takes ReduceOp.AVG, which
+# FSDP2 asks for, as a sum, so each process's gradient comes out multiplied by their number (up to
+# 2.8). FSDP2 on GPUs has none of these (CUDA streams, CUDA's copy, NCCL's average), as read in torch
+# 2.6's source; no GPU ran it here.
 FSDP2_ON_CPU = (2, 9)
 
 
