@@ -82,9 +82,11 @@ for stage in "$@"; do
         step train_demo $PY -m train --output-dir $runs/demo $LIMIT
         step train_kill $PY -m train --output-dir $runs/compiled --compile --grad-checkpoint --fault kill@$KILL $LIMIT
         step train_resume $PY -m train --output-dir $runs/compiled --compile --grad-checkpoint $LIMIT
+        # train needs train/ and val/: bench's generated JPEGs are train/ only, val/ shows the same images
         step make_jpegs $PY -c "from pathlib import Path; from bench.data import imagenet_like; \
-print(imagenet_like(Path('/tmp/jpegs'), $IMAGES, (500, 375)))"
-        step train_small $PY -m train --model small --data-path /tmp/jpegs --max-steps $STEPS --batch-size $TRAIN_BATCH \
+d = imagenet_like(Path('/tmp/jpegs'), $IMAGES, (500, 375)); (d / 'val').is_dir() or (d / 'val').symlink_to('train'); print(d)"
+        jpegs=$(tail -n 1 "$LOGS/make_jpegs.log")
+        step train_small $PY -m train --model small --data-path "$jpegs" --max-steps $STEPS --batch-size $TRAIN_BATCH \
             --num-workers $WORKERS --compile --output-dir $runs/small --log-every 10
         tar czf "$LOGS/train_runs.tgz" -C $runs --exclude='*.pt' --exclude='checkpoint*' . 2>/dev/null
         ;;
