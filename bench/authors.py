@@ -3,13 +3,6 @@
 Their module imports timm, fvcore and scipy at the top but uses only a few trivial helpers from
 them; we install minimal stand-ins under those module names (only where the real package is
 absent) so the file imports here without those dependencies. Nothing of theirs is copied.
-
-With the real timm installed, their ``@register_model`` would be timm's: it looks their module up in
-``sys.modules`` (so the module is registered there under its name before it runs, as importlib's own
-recipe does) and would add their builders to timm's registry under our names (``stvit_small``...,
-which ``import stvit.timm`` registers), overwriting ours. So while their file runs, only
-``timm.models.registry`` is a stand-in whose ``register_model`` leaves the function alone; their
-layers (``DropPath``, ``trunc_normal_``) are timm's own.
 """
 
 from __future__ import annotations
@@ -18,7 +11,6 @@ import importlib.util
 import math
 import sys
 import types
-import warnings
 from pathlib import Path
 
 import torch
@@ -64,30 +56,24 @@ def _stand_in_modules() -> dict[str, types.ModuleType]:
     }
 
 
-MODULE_NAME = "authors_stvit"
-
-
 def import_authors_module(path: str | Path) -> types.ModuleType:
-    """Import their ``models/stvit.py`` from ``path`` as module ``authors_stvit`` (left in ``sys.modules``,
-    like any imported module; timm's registry is left as it was)."""
+    """Import their ``models/stvit.py`` from ``path`` as module ``authors_stvit``."""
     path = Path(path)
     if not path.is_file():
         raise AuthorsCodeError(f"--authors-code {path}: no such file; pass the path of models/stvit.py "
                                f"from a checkout of github.com/hhb072/STViT")
-    stand_ins = _stand_in_modules()
-    timm_registry = "timm.models.registry"  # a stand-in even beside the real timm (module docstring)
-    stand_ins = {name: mod for name, mod in stand_ins.items() if name == timm_registry or _missing(name)}
+    # timm's registry always gets the stand-in: the real register_model looks their module up in
+    # sys.modules (absent during this import: KeyError 'authors_stvit'), and would list their models
+    # in timm's registry under our models' names.
+    stand_ins = {name: mod for name, mod in _stand_in_modules().items()
+                 if _missing(name) or name == "timm.models.registry"}
     saved = {name: sys.modules.get(name) for name in stand_ins}
     sys.modules.update(stand_ins)
     try:
-        spec = importlib.util.spec_from_file_location(MODULE_NAME, path)
+        spec = importlib.util.spec_from_file_location("authors_stvit", path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules[MODULE_NAME] = module
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # timm's note on their deprecated import paths
-            spec.loader.exec_module(module)
+        spec.loader.exec_module(module)
     except Exception as e:  # a wrong file fails in many ways; say which file and why
-        sys.modules.pop(MODULE_NAME, None)
         raise AuthorsCodeError(f"--authors-code {path}: importing it failed ({type(e).__name__}: {e}); "
                                f"expected the authors' models/stvit.py") from e
     finally:

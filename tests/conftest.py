@@ -12,8 +12,13 @@ import sitecustomize  # noqa: E402,F401
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from stvit import compat  # noqa: E402
+
 # ../shared/golden beside the repository; STVIT_GOLDEN names another folder (a GPU machine that
 # gets a copy of some of the files, say).
+# Tests that shard a model with FSDP2 over CPU processes (gloo): torch 2.9 on (stvit/compat.py says why).
+needs_cpu_fsdp2 = pytest.mark.skipif(compat.fsdp2_cpu_problem() is not None, reason=str(compat.fsdp2_cpu_problem()))
+
 GOLDEN = Path(os.environ.get("STVIT_GOLDEN") or Path(__file__).resolve().parents[1].parent / "shared" / "golden")
 
 
@@ -87,16 +92,20 @@ def _under_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def unavailable(message: str) -> None:
+    """Something a test needs from outside the repository is missing: a user's machine skips with the
+    message; CI (``CI=true``) fails, so CI never passes on a skipped check."""
+    if _under_ci():
+        pytest.fail(f"{message}. Under CI (CI=true) that is a failure, not a skip.", pytrace=False)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    """``../shared/golden``: tensors recorded from each family's official code. A user's machine
-    without it skips parity with a message; CI (``CI=true``) fails, so CI never passes on skipped parity."""
+    """``../shared/golden``: tensors recorded from each family's official code (see :func:`unavailable`)."""
     if not GOLDEN.is_dir():
-        message = (f"golden tensors not found at {GOLDEN} (they live in ../shared/golden beside the repo); "
-                   f"parity with the authors' code is not checked")
-        if _under_ci():
-            pytest.fail(f"{message}. Under CI (CI=true) that is a failure, not a skip.", pytrace=False)
-        pytest.skip(message)
+        unavailable(f"golden tensors not found at {GOLDEN} (they live in ../shared/golden beside the repo); "
+                    f"parity with the authors' code is not checked")
     return GOLDEN
 
 
