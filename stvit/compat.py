@@ -71,3 +71,15 @@ def fsdp2_cpu_problem() -> str | None:
             f"{torch.__version__}, whose FSDP2 fails on a CPU or whose gloo reduce-scatter sums where FSDP2 "
             f"averages (stvit/compat.py says more). With this torch, train on GPUs, or on a CPU in one process "
             f"without torchrun (python -m train --precision fp32)")
+
+
+# torch.compiler.is_exporting: True while torch.export traces (also for the dynamo ONNX exporter),
+# False eagerly and under torch.compile; STViT writes its padding in an export-safe form then. Added
+# to torch in December 2024 (pytorch/pytorch#142425); looked for rather than assumed, so a torch
+# without it runs the models as before (and exports them for the traced size's padding only).
+_is_exporting = getattr(torch.compiler, "is_exporting", None)
+
+
+def is_exporting() -> bool:
+    """``torch.compiler.is_exporting()`` where torch has it, else False."""
+    return _is_exporting is not None and _is_exporting()

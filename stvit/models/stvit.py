@@ -35,6 +35,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..compat import is_exporting
 from ..contract import (DropPath, FeatureInfo, ModelBase, check_global_pool, check_image_batch, check_out_indices,
                         check_output_fmt, drop_path_rates, feature_take_indices, init_vit_weights, levels_up_to)
 from ..optimize import fold_bn_conv, fold_conv_bn  # the generic BatchNorm algebra
@@ -60,7 +61,7 @@ def pad_to_grid(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     as grid × cell - size with the grid a ceiling division of positive numbers, so the padded size
     visibly divides by the cell (the ONNX exporter miscompiles floor division of a negative size)."""
     H, W = x.shape[1:3]
-    if torch.compiler.is_exporting() or H % h or W % w:
+    if is_exporting() or H % h or W % w:
         x = F.pad(x, (0, 0, 0, (W + w - 1) // w * w - W, 0, (H + h - 1) // h * h - H))
     return x
 
@@ -207,7 +208,7 @@ class SuperTokenAttention(nn.Module):
         if self.stoken_size == (1, 1):
             return self.stoken_refine(x)
         if form is None:
-            form = "map" if torch.compiler.is_compiling() and not torch.compiler.is_exporting() else "cells"
+            form = "map" if torch.compiler.is_compiling() and not is_exporting() else "cells"
         if form not in TOKEN_FORMS:
             raise ValueError(f"form={form!r}: choose one of {sorted(TOKEN_FORMS)}")
         return self.sample_refine_upsample(x, TOKEN_FORMS[form])
@@ -226,7 +227,7 @@ class SuperTokenAttention(nn.Module):
         stokens = self.stoken_refine(stokens.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         # Upsample: each token is the association-weighted sum of its 9 refined super tokens.
         out = tokens.spread(assoc, gather_neighbours(stokens))                  # (B, H, W, C)
-        if torch.compiler.is_exporting():
+        if is_exporting():
             rows, cols = torch.arange(H0, device=out.device), torch.arange(W0, device=out.device)
             return out.index_select(1, rows).index_select(2, cols).permute(0, 3, 1, 2)
         return out[:, :H0, :W0].permute(0, 3, 1, 2)
