@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,3 +186,51 @@ def test_iou_metric_on_a_hand_checked_case():
     acc.update(torch.tensor([[0, 2]]), torch.tensor([[0, 0]]))
     m = acc.compute()
     assert m["IoU"][2] == 0 and m["mIoU"] == pytest.approx(25.0) and m["mAcc"] == pytest.approx(50.0)
+
+
+# ---- the tools: bench throughput --task segment, python -m stvit.segment -------------------------------
+
+def test_bench_times_segmentors_of_every_family_side_by_side(tmp_path):
+    import json
+
+    from bench import __main__ as cli
+    out = tmp_path / "seg.json"
+    cli.main(["throughput", "--default-allocator", "--device", "cpu", "--threads", "1", "--task", "segment",
+              "--head", "segformer", "--models", *TINY, "--size", "64", "--batch-sizes", "2", "--modes", "eager",
+              "train", "--runs", "1", "--warmup", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["mode"], r["size"]) for r in rows] == [
+        (f"{name}+segformer", mode, 64) for name in TINY for mode in ("eager", "train")]
+    assert all(r["img_per_s"] > 0 for r in rows)
+    with pytest.raises(SystemExit, match="batch of at least 2"):
+        cli.main(["throughput", "--default-allocator", "--task", "segment", "--models", "tiny", "--batch-sizes", "1",
+                  "--modes", "train"])
+
+
+def test_segment_writes_a_palette_mask_of_the_predicted_classes(tmp_path, capsys):
+    from PIL import Image
+
+    from stvit import predict, segment
+    torch.manual_seed(0)
+    seg = create_segmentor("stvit_tiny", head="segformer", num_classes=3, channels=8)
+    torch.save({"model": seg.state_dict()}, tmp_path / "seg.pt")
+    Image.fromarray((torch.rand(40, 60, 3) * 255).byte().numpy()).save(tmp_path / "photo.jpg")
+    (tmp_path / "names.txt").write_text("sky\nroad\ncar\n")
+    argv = [str(tmp_path / "photo.jpg"), str(tmp_path / "missing.jpg"), "--model", "stvit_tiny", "--checkpoint",
+            str(tmp_path / "seg.pt"), "--out", str(tmp_path / "masks"), "--class-names", str(tmp_path / "names.txt"),
+            "--resize-scale", "96", "64", "--device", "cpu"]
+    assert predict.main(["--task", "segment", *argv]) == 1  # the missing image is reported, the other written
+    captured = capsys.readouterr()
+    assert "error: image file not found" in captured.err and "Traceback" not in captured.err
+    mask = Image.open(tmp_path / "masks" / "photo_mask.png")
+    assert mask.mode == "P" and mask.size == (60, 40)
+    seg.eval()
+    labels = segment.segment_image(seg, Image.open(tmp_path / "photo.jpg").convert("RGB"), torch.device("cpu"),
+                                   torch.float32, "whole", (96, 64))
+    assert np.array_equal(np.asarray(mask), labels)
+    assert any(name in captured.out for name in ("sky", "road", "car"))
+    classifier = stvit.create_model("stvit_tiny", num_classes=3)
+    torch.save(classifier.state_dict(), tmp_path / "cls.pt")
+    assert segment.main([str(tmp_path / "photo.jpg"), "--model", "stvit_tiny", "--checkpoint",
+                         str(tmp_path / "cls.pt")]) == 1
+    assert "not a segmentor checkpoint" in capsys.readouterr().err
