@@ -65,7 +65,7 @@ SEGMENT = dict(PAPER, **_NO_CLASSIFICATION_AUGMENTS, input_size=512, batch_size=
                head_channels=None, eval_mode="whole", resize_scale=(2048, 512), reference_batch=16)
 # A laptop run: stvit_tiny with narrow heads (64 channels, the auxiliary head 32) on 64² crops of the
 # generated shapes (resized by 0.5-2 around 256×64, i.e. about the image's own size), 16 per step.
-SEGMENT_DEMO = dict(SEGMENT, input_size=64, batch_size=16, lr=1e-3, warmup_lr=1e-6, num_workers=1, iters=600,
+SEGMENT_DEMO = dict(SEGMENT, input_size=64, batch_size=16, lr=3e-3, warmup_lr=1e-6, num_workers=1, iters=600,
                     warmup_iters=50, eval_every=200, ckpt_every=200, head_channels=64, resize_scale=(256, 64))
 PRESETS = {"paper": PAPER, "finetune": FINETUNE, "demo": DEMO, "segment": SEGMENT, "segment-demo": SEGMENT_DEMO}
 TASKS = ("classify", "segment")

@@ -367,13 +367,13 @@ def build_segmentation_datasets(data_path: str | os.PathLike, crop_size: int, sc
 
 # ---- the generated demo set -------------------------------------------------------------------------------
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEMO_SHAPES = ("disc", "ring", "square", "triangle", "cross", "star", "stripes_horizontal", "stripes_vertical",
                "checkerboard", "dot_grid")
 
 
 def render_scene(image_size: int, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
-    """One demo scene: the classification demo's background (gradient, clutter lines), one to three
+    """One demo scene: the classification demo's background (gradient, clutter lines), one or two
     of its shapes and textures at random places, sizes, rotations and colours, and noise. The
     annotation (ADE20K's convention) is 1 for background, 2 + k for shape k, and 0 ("other",
     ignored) on each object's anti-aliased rim, where coverage is between ¼ and ¾."""
@@ -396,10 +396,10 @@ def render_scene(image_size: int, rng: np.random.Generator) -> tuple[Image.Image
     syn._blend(img, syn._random_color(rng), np.asarray(clutter.reduce(syn.SUPERSAMPLE), dtype=np.float32) / 255.0)
 
     label = np.ones((image_size, image_size), dtype=np.uint8)
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(1, 3))):
         k = int(rng.integers(len(DEMO_SHAPES)))
         family = DEMO_SHAPES[k]
-        r = float(rng.uniform(0.15, 0.3)) * size
+        r = float(rng.uniform(0.2, 0.35)) * size
         cx, cy = (float(c) for c in rng.uniform(r * 0.8, size - r * 0.8, size=2))
         theta = float(rng.uniform(0, 2 * math.pi))
         fg = syn._contrasting_color(rng, bg_mean)
