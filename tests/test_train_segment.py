@@ -70,9 +70,14 @@ def test_a_segmentation_run_evaluates_on_its_schedule_and_writes_what_classifica
 
 
 def test_eval_only_reproduces_the_last_evaluation(reference, data, capsys):
-    assert main(FAST + ["--data-path", str(data), "--eval", "--checkpoint", str(reference / "model_final.pt")]) == 0
+    checkpoint = ["--eval", "--checkpoint", str(reference / "model_final.pt")]
+    assert main(FAST + ["--data-path", str(data), *checkpoint]) == 0
     last = metrics(reference)[-1]
     assert f"mIoU {last['mIoU']:.2f}" in capsys.readouterr().out
+    # sliding windows of the 32² crop over the 32² images: one window each, the same prediction
+    assert main(FAST + ["--data-path", str(data), *checkpoint, "--eval-mode", "slide"]) == 0
+    out = capsys.readouterr().out
+    assert "(slide)" in out and f"mIoU {last['mIoU']:.2f}" in out
 
 
 def test_max_steps_evaluates_and_the_same_command_resumes_bit_identically(reference, data, tmp_path):
