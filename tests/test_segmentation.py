@@ -44,6 +44,12 @@ def test_a_segmentor_of_every_family_trains_a_step_and_infers(name):
         slide = seg.inference(x, "slide", crop_size=48, stride=32)
     assert whole.shape == slide.shape == (2, 4, 72, 56)
     assert torch.isfinite(slide).all()
+    # the trainer's evaluation: labels at another size than the input, as after the eval resize
+    from train.distributed import DistEnv
+    from train.engine import evaluate_segmentation
+    batches = [(x[:1], masks[:1, ::2, ::2], 0), (x[1:], masks[1:, ::2, ::2], 0)]
+    result = evaluate_segmentation(seg, batches, DistEnv(), num_classes=4, mode="slide", crop_size=48, stride=32)
+    assert result["val_images"] == 2 and 0 <= result["mIoU"] <= 100 and not seg.training
 
 
 @pytest.mark.parametrize("name", ["stvit_tiny", "sovit_tiny"])
