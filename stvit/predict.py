@@ -130,17 +130,10 @@ def _positive_int(value: str) -> int:
     return int(value)
 
 
-def _task_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--task", choices=("classify", "segment"), default="classify")
-    return parser
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m stvit.predict", parents=[_task_parser()],
-        description="Print the top-k ImageNet classes (with probabilities) of each image; with --task segment, "
-                    "write a coloured class mask per image instead (python -m stvit.segment --help)")
+        prog="python -m stvit.predict",
+        description="Print the top-k ImageNet classes (with probabilities) of each image.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     parser.add_argument("--model", type=model_name_arg, default="stvit_small",
                         help=f"model name, one of {', '.join(list_models())} (default: stvit_small)")
@@ -158,12 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # --task segment: the same command for segmentation masks (python -m stvit.segment)
-    task, rest = _task_parser().parse_known_args(argv)
-    if task.task == "segment":
-        from .segment import main as segment_main
-        return segment_main(rest)
-    args = build_parser().parse_args(rest)
+    args = build_parser().parse_args(argv)
     try:
         device = torch.device(args.device) if args.device else default_device()
     except RuntimeError:

@@ -1,5 +1,5 @@
-"""Segment images with a segmentor of the zoo: ``python -m stvit.segment IMAGE... --model NAME --checkpoint FILE``
-(also ``python -m stvit.predict --task segment ...``).
+"""Segment images with a segmentor of the zoo: ``python -m stvit.segment IMAGE... --model NAME --checkpoint FILE``,
+the sibling of ``python -m stvit.predict`` (classification), with its options.
 
 For every image writes ``<out>/<image name>_mask.png``: a palette PNG whose pixel values are the
 predicted class indices and whose palette colours them (``stvit.segmentation.palette``), and

@@ -216,7 +216,7 @@ def test_bench_times_segmentors_of_every_family_side_by_side(tmp_path):
 def test_segment_writes_a_palette_mask_of_the_predicted_classes(tmp_path, capsys):
     from PIL import Image
 
-    from stvit import predict, segment
+    from stvit import segment
     torch.manual_seed(0)
     seg = create_segmentor("stvit_tiny", head="segformer", num_classes=3, channels=8)
     torch.save({"model": seg.state_dict()}, tmp_path / "seg.pt")
@@ -225,7 +225,7 @@ def test_segment_writes_a_palette_mask_of_the_predicted_classes(tmp_path, capsys
     argv = [str(tmp_path / "photo.jpg"), str(tmp_path / "missing.jpg"), "--model", "stvit_tiny", "--checkpoint",
             str(tmp_path / "seg.pt"), "--out", str(tmp_path / "masks"), "--class-names", str(tmp_path / "names.txt"),
             "--resize-scale", "96", "64", "--device", "cpu"]
-    assert predict.main(["--task", "segment", *argv]) == 1  # the missing image is reported, the other written
+    assert segment.main(argv) == 1  # the missing image is reported, the other written
     captured = capsys.readouterr()
     assert "error: image file not found" in captured.err and "Traceback" not in captured.err
     mask = Image.open(tmp_path / "masks" / "photo_mask.png")
