@@ -87,16 +87,20 @@ def _under_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def unavailable(message: str) -> None:
+    """Something a test needs from outside the repository is missing: a user's machine skips with the
+    message; CI (``CI=true``) fails, so CI never passes on a skipped check."""
+    if _under_ci():
+        pytest.fail(f"{message}. Under CI (CI=true) that is a failure, not a skip.", pytrace=False)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    """``../shared/golden``: tensors recorded from each family's official code. A user's machine
-    without it skips parity with a message; CI (``CI=true``) fails, so CI never passes on skipped parity."""
+    """``../shared/golden``: tensors recorded from each family's official code (see :func:`unavailable`)."""
     if not GOLDEN.is_dir():
-        message = (f"golden tensors not found at {GOLDEN} (they live in ../shared/golden beside the repo); "
-                   f"parity with the authors' code is not checked")
-        if _under_ci():
-            pytest.fail(f"{message}. Under CI (CI=true) that is a failure, not a skip.", pytrace=False)
-        pytest.skip(message)
+        unavailable(f"golden tensors not found at {GOLDEN} (they live in ../shared/golden beside the repo); "
+                    f"parity with the authors' code is not checked")
     return GOLDEN
 
 

@@ -11,6 +11,7 @@ a checkpoint of another family.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import torch
 
 import stvit
 from stvit.contract import ModelBase
+from stvit.flops import count_params
 from train.__main__ import main as train_main
 from train.synthetic import ensure_demo_dataset
 
@@ -170,6 +172,138 @@ def test_a_size_the_model_cannot_take_is_named_and_others_run(family, device):
             assert model(x).shape == (1, model.num_classes)
 
 
+# ---- timm's model API: forward_intermediates, prune_intermediate_layers, torch.fx, buffers --------
+
+
+def image(model, device="cpu", batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, model.in_chans, *sizes(model)[1], device=device)  # a size the stems round up
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_intermediates_follows_timms_indices_semantics(family, device):
+    model = build(family, device).eval()
+    x = image(model, device)
+    levels = len(model.feature_info)
+    assert levels >= 3  # every variant of ours has at least three feature levels
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert model.forward_head(final, pre_logits=True).shape == (2, model.head_hidden_size)
+        assert len(maps) == levels
+        for m, f in zip(maps, model.feature_info):
+            assert m.shape == (2, f["num_chs"], math.ceil(x.shape[2] / f["reduction"]),
+                               math.ceil(x.shape[3] / f["reduction"])), (family, f)
+        def same(got, want):
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
+        same(model.forward_intermediates(x, indices=2, intermediates_only=True), maps[-2:])  # int: the last n
+        same(model.forward_intermediates(x, indices=[-1, 0], intermediates_only=True), [maps[0], maps[-1]])
+        calls = []
+        hook = model.repeated_blocks()[-1].register_forward_pre_hook(lambda *_: calls.append(1))
+        early_final, early = model.forward_intermediates(x, indices=[1], stop_early=True)
+        hook.remove()
+        same(early, [maps[1]])
+        assert not calls and not torch.equal(early_final, final)  # stopped after level 1
+        _, normed = model.forward_intermediates(x, indices=[0], norm=True)
+        assert normed[0].shape == maps[0].shape
+    for bad in (0, levels + 1, [levels], [-levels - 1], []):
+        with pytest.raises(ValueError, match="indices"):
+            model.forward_intermediates(x, indices=bad)
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_features_only_returns_the_maps_of_forward_intermediates(family, device):
+    model = build(family, device).eval()
+    levels = len(model.feature_info)
+    backbone = build(family, device, features_only=True, out_indices=(0, levels - 1)).eval()
+    stvit.load_checkpoint(backbone, model.state_dict())
+    x = image(model, device)
+    with torch.no_grad():
+        want = model.forward_intermediates(x, indices=[0, levels - 1], intermediates_only=True)
+        for got, w in zip(backbone(x), want, strict=True):
+            torch.testing.assert_close(got, w, rtol=0, atol=0)
+    assert backbone.feature_info == [model.feature_info[0], model.feature_info[-1]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_intermediate_layers_keeps_the_taps_and_leaves_no_unused_parameter(family, device):
+    model = build(family, device).eval()
+    x = image(model, device)
+    levels = len(model.feature_info)
+    with torch.no_grad():
+        expected, taps = model(x), model.forward_intermediates(x, intermediates_only=True)
+    keep_head = copy.deepcopy(model)
+    assert keep_head.prune_intermediate_layers([levels - 1], prune_head=False) == [levels - 1]
+    with torch.no_grad():
+        torch.testing.assert_close(keep_head(x), expected, rtol=0, atol=0)
+    for prune_norm in (False, True):
+        pruned = copy.deepcopy(model)
+        assert pruned.prune_intermediate_layers([-2], prune_norm=prune_norm) == [levels - 2]
+        assert count_params(pruned) < count_params(model) and len(pruned.feature_info) == levels - 1
+        with torch.no_grad():  # no head: the unpooled features, a map (B, C, h, w) or tokens (B, N, C)
+            out = pruned(x)
+        assert pruned.num_classes == 0 and out.shape[1 if out.ndim == 4 else -1] == pruned.head_hidden_size
+        with torch.no_grad():
+            torch.testing.assert_close(pruned.forward_intermediates(x, indices=[-1], intermediates_only=True)[0],
+                                       taps[-2], rtol=0, atol=0)
+        pruned.train()
+        features = pruned.forward_features(x)
+        maps = pruned.forward_intermediates(x, indices=[levels - 2], intermediates_only=True)
+        (features.sum() + maps[0].sum()).backward()
+        unused = [n for n, p in pruned.named_parameters() if p.grad is None]
+        assert not unused, (family, prune_norm, unused)  # DDP would stop on a parameter without a gradient
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_traceable_by_torch_fx_and_torchvision_with_clear_errors_for_eager_calls(family):
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = build(family).eval()
+    x = image(model)
+    traced = torch.fx.symbolic_trace(model)
+    extractor = create_feature_extractor(model, return_nodes={f["module"]: str(i) for i, f in
+                                                              enumerate(model.feature_info)})
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x))
+        assert len(extractor(x)) == len(model.feature_info)
+    with pytest.raises(ValueError, match="4-D"):
+        model(x[0])
+    with pytest.raises(ValueError, match="channels"):
+        model(x[:, :1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_parameter_is_trained_and_models_build_on_the_meta_device(family):
+    """A tensor that is never trained is a buffer (timm's backward tests need a gradient on every
+    parameter); the state-dict keys stay the authors' (the goldens load them one-to-one)."""
+    model = build(family).train()
+    out = model(image(model))
+    (out[0] if isinstance(out, tuple) else out).square().mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    with torch.device("meta"):
+        meta = stvit.create_model(tiny_of(family))
+    assert all(t.is_meta for t in [*meta.parameters(), *meta.buffers()])
+    assert meta.state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_timms_names_default_cfg_head_hidden_size_and_a_reset_classifier_in_place(family):
+    model = build(family).double().eval()
+    assert model.default_cfg is model.pretrained_cfg
+    model.default_cfg = {**model.pretrained_cfg, "crop_pct": 0.5}  # timm's builder sets it
+    assert model.pretrained_cfg["crop_pct"] == 0.5
+    x = image(model).double()
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, model.head_hidden_size)
+    model.reset_classifier(3)
+    head = model.get_classifier()
+    assert all(p.dtype == torch.float64 for p in head.parameters()) and not any(m.training for m in model.modules())
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.head_hidden_size)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return ensure_demo_dataset(tmp_path_factory.mktemp("data") / "shapes", num_classes=3, train_per_class=4,
@@ -218,8 +352,7 @@ for name in sys.argv[1:]:
     loss = model.training_loss(x, soft, __import__("random").Random(env.rank))
     loss.backward()
     assert torch.isfinite(loss), name
-    trained = [p for p in model.parameters() if p.requires_grad]  # So-ViT's fixed pos_embed is not
-    assert all(p.grad is not None and torch.isfinite(p.grad.full_tensor()).all() for p in trained), name
+    assert all(p.grad is not None and torch.isfinite(p.grad.full_tensor()).all() for p in model.parameters()), name
     print(f"rank {env.rank} {name} ok", flush=True)
 shutdown()
 """

@@ -453,3 +453,19 @@ def test_compile_equals_eager_on_lvt_tiny():
         eager = model(x)
         compiled = torch.compile(model, dynamic=False)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("H, W", [(8, 8), (7, 9), (5, 4), (1, 1), (2, 3)])
+def test_csa_unfold_and_fold_are_torchs(H, W):
+    """CSA's channels-last unfold (nine strided views) and fold (parity-sorted shifted sums) equal
+    ``F.unfold`` / ``F.fold`` (kernel 3, padding 1, stride 2) at even and odd sides."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(H * 10 + W)
+    h, w = -(-H // 2), -(-W // 2)
+    x = torch.randn(2, H, W, 5, dtype=torch.float64, generator=g)
+    expected = F.unfold(x.permute(0, 3, 1, 2), 3, padding=1, stride=2).view(2, 5, 9, h, w).permute(2, 0, 3, 4, 1)
+    assert torch.equal(L.gather_slots(x, h, w), expected)
+    slots = torch.randn(2, h, w, 3, 3, 5, dtype=torch.float64, generator=g)
+    cols = slots.permute(0, 5, 3, 4, 1, 2).reshape(2, 5 * 9, h * w)
+    expected = F.fold(cols, (H, W), 3, padding=1, stride=2).permute(0, 2, 3, 1)
+    torch.testing.assert_close(L.scatter_slots(slots, H, W), expected, rtol=1e-12, atol=1e-12)

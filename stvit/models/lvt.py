@@ -51,12 +51,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices,
-                        soft_target_cross_entropy, init_vit_weights)
+from ..contract import (DropPath, FeatureInfo, ModelBase, check_fixed_pooling, check_image_batch, check_out_indices,
+                        check_output_fmt, feature_take_indices, init_vit_weights, is_traced, levels_up_to,
+                        soft_target_cross_entropy)
 from ..registry import DEFAULT_PRETRAINED_CFG, register_family, register_model
 
 CSA_KERNEL = 3   # CSA's neighbourhood is fixed at 3×3 ...
@@ -136,28 +138,49 @@ def stage_sizes(height: int, width: int, num_stages: int) -> list[tuple[int, int
 # ---- attention ----------------------------------------------------------------------------------
 
 def gather_slots(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, 9, h, w): the 3×3 neighbourhood (padding 1, stride 2) of each cell,
+    """(B, H, W, C) -> (9, B, h, w, C): the 3×3 neighbourhood (padding 1, stride 2) of each cell,
     slot kk = 3·ki + kj row-major, zeros outside the image (``F.unfold(x, 3, padding=1, stride=2)``).
 
     Nine strided views of the zero-padded map: cell (a, b)'s slot (ki, kj) is pixel
-    (2a − 1 + ki, 2b − 1 + kj), i.e. padded pixel (2a + ki, 2b + kj)."""
-    H, W = x.shape[-2:]
-    xp = F.pad(x, (1, 2 * w - W, 1, 2 * h - H))                              # (B, C, 2h + 1, 2w + 1)
-    return torch.stack([xp[:, :, ki:ki + 2 * h:2, kj:kj + 2 * w:2]
-                        for ki in range(CSA_KERNEL) for kj in range(CSA_KERNEL)], dim=2)
+    (2a − 1 + ki, 2b − 1 + kj), i.e. padded pixel (2a + ki, 2b + kj). Channels stay innermost."""
+    H, W = x.shape[1:3]
+    xp = F.pad(x, (0, 0, 1, 2 * w - W, 1, 2 * h - H))                        # (B, 2h + 1, 2w + 1, C)
+    return torch.stack([xp[:, ki:ki + 2 * h:2, kj:kj + 2 * w:2]
+                        for ki in range(CSA_KERNEL) for kj in range(CSA_KERNEL)])
+
+
+def _fold_axis(slots: torch.Tensor, dim: int, slot_dim: int) -> torch.Tensor:
+    """One axis of :func:`scatter_slots`: ``slots`` has n cells along ``dim`` and their 3 slots of
+    this axis along ``slot_dim`` (> ``dim``); returns the 2n + 2 padded positions along ``dim``.
+
+    Slot k of cell a lands on padded position 2a + k: even positions 2p take slot 0 of cell p and
+    slot 2 of cell p − 1, odd positions 2p + 1 take slot 1 of cell p (the last odd position, 2n + 1,
+    is outside every map and stays zero)."""
+    def placed(k: int, first: int) -> torch.Tensor:  # slot k's n cells at positions first..first+n-1 of n+1
+        part = slots.select(slot_dim, k)
+        return F.pad(part, [0, 0] * (part.ndim - 1 - dim) + [first, 1 - first])
+
+    even = placed(0, 0) + placed(2, 1)
+    odd = placed(1, 0)
+    return torch.stack([even, odd], dim=dim + 1).flatten(dim, dim + 1)      # interleaved: n + 1 pairs
 
 
 def scatter_slots(slots: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """The adjoint of :func:`gather_slots` (``F.fold(..., (H, W), 3, padding=1, stride=2)``):
-    (B, C, 9, h, w) -> (B, C, H, W), summing overlapping slots without normalising and dropping
-    those outside the image. (Written as nine shifted adds: inductor miscompiles ``F.fold`` of a
-    permuted input on CPU, and unfold's backward is a fold.)"""
-    B, C, _, h, w = slots.shape
-    out = slots.new_zeros(B, C, 2 * h + 1, 2 * w + 1)
-    for ki in range(CSA_KERNEL):
-        for kj in range(CSA_KERNEL):
-            out[:, :, ki:ki + 2 * h:2, kj:kj + 2 * w:2] += slots[:, :, CSA_KERNEL * ki + kj]
-    return out[:, :, 1:H + 1, 1:W + 1]
+    (B, h, w, 3, 3, C) slots -> (B, H, W, C), summing overlapping slots without normalising and
+    dropping those outside the image.
+
+    Sorted by the parity of the padded position, the fold has no overlaps left to resolve: each
+    output pixel is a sum of at most four shifted slot maps (see :func:`_fold_axis`), rows first,
+    then columns. Channels stay innermost, so the fold is one pass over the map without strided
+    writes: nine strided in-place adds into an NCHW buffer were compiled LVT's slowest kernel (a
+    third of its step), and inductor miscompiles ``F.fold`` of a permuted input on CPU."""
+    rows = _fold_axis(slots, 1, 3)                                            # (B, 2h + 2, w, 3, C)
+    out = _fold_axis(rows, 2, 3)                                              # (B, 2h + 2, 2w + 2, C)
+    return out[:, 1:H + 1, 1:W + 1]
+
+
+torch.fx.wrap("scatter_slots")  # torch.fx records it as one call (it adds into slices of a new tensor)
 
 
 class CSA(nn.Module):
@@ -193,27 +216,25 @@ class CSA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         k2, heads = CSA_KERNEL * CSA_KERNEL, self.num_heads
-        x_nchw = x.permute(0, 3, 1, 2)
 
         # Attention per cell: (B, heads, L, 9 written slots i, 9 read neighbours j), softmax over j.
-        pooled = F.avg_pool2d(x_nchw, CSA_STRIDE, CSA_STRIDE, ceil_mode=True)  # (B, C, h, w)
-        L = pooled.shape[-2] * pooled.shape[-1]
-        attn = self.attn(pooled.flatten(2).transpose(1, 2))                     # (B, L, heads·81)
+        pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), CSA_STRIDE, CSA_STRIDE, ceil_mode=True)  # (B, C, h, w)
+        h, w = pooled.shape[-2:]
+        L = h * w
+        attn = self.attn(pooled.permute(0, 2, 3, 1).reshape(B, L, C))          # (B, L, heads·81)
         attn = attn.view(B, L, heads, k2, k2).transpose(1, 2) * self.scale
         attn = self.attn_drop(attn.softmax(dim=-1))
 
         # Values: the 3×3 neighbours (zeros outside the image), each through its slot's matrix.
-        h, w = pooled.shape[-2:]
-        patches = gather_slots(x_nchw, h, w)                                    # (B, C, 9, h, w)
+        patches = gather_slots(x, h, w).reshape(k2, B * L, C)                  # (9, B·L, C_in)
         slot_weight = self.weight.weight.view(k2, C, C)                         # (slot, C_out, C_in)
-        v = torch.einsum("bckl,koc->blko", patches.flatten(3), slot_weight)    # (B, L, 9, C)
-        v = v.reshape(B, L, k2, heads, C // heads).permute(0, 3, 1, 2, 4)      # (B, heads, L, 9, d)
+        v = torch.bmm(patches, slot_weight.transpose(1, 2))                     # (9, B·L, C_out)
+        v = v.view(k2, B, L, heads, C // heads).permute(1, 3, 2, 0, 4)         # (B, heads, L, 9, d)
 
         # Each cell writes 9 slots; they are summed onto the (H, W) map (outside slots dropped).
         out = attn @ v                                                          # (B, heads, L, 9 i, d)
-        out = out.permute(0, 1, 4, 3, 2).reshape(B, C, k2, h, w)                # channel head·d + j
-        out = scatter_slots(out, H, W)                                          # (B, C, H, W)
-        return self.proj_drop(self.proj(out.permute(0, 2, 3, 1)))
+        out = out.permute(0, 2, 3, 1, 4).reshape(B, h, w, CSA_KERNEL, CSA_KERNEL, C)  # channel head·d + e
+        return self.proj_drop(self.proj(scatter_slots(out, H, W)))
 
 
 class DilatedQueryConv(nn.Module):
@@ -537,6 +558,9 @@ class LVT(ModelBase):
     backbone (``lvt(with_cls_head=False)``): 4 NCHW stage maps, each after its ``downstream_norms``.
     ``features_only=True``: the stage maps selected by ``out_indices`` (strides 4/8/16/32, NCHW,
     no norm), no post layers or heads.
+
+    The feature levels of ``forward_intermediates`` are the 4 stage maps (NCHW); ``head_hidden_size``
+    is the class token's width (the pre-logits, as timm's VOLO).
     """
 
     def __init__(self, layers: Sequence[int] = (2, 2, 2, 2), embed_dims: Sequence[int] = (64, 64, 160, 256),
@@ -567,7 +591,7 @@ class LVT(ModelBase):
         self.sr_ratios, self.sa_layers = [int(r) for r in sr_ratios], list(sa_layers)
         self.rasa_cfg = rasa_cfg
         self.with_cls_head, self.features_only = with_cls_head, features_only
-        self.num_features = embed_dims[-1]
+        self.num_features = self.head_hidden_size = embed_dims[-1]
         self.mix_scale = 2 ** (S - 1)  # stage-1 tokens per stage-4 token along a side (official pooling_scale 8)
         self.drop_rate = drop_rate     # accepted, unused (as in the official code); so is patch_size
         self.grad_checkpointing = False
@@ -640,6 +664,8 @@ class LVT(ModelBase):
                    for i, layer in enumerate(self.sa_layers) if len(self.backbone[i].blocks))
 
     def check_input(self, x: torch.Tensor) -> None:
+        if is_traced(x):
+            return
         check_image_batch(x, self.in_chans)
         H, W = x.shape[-2:]
         for i, (h, w) in enumerate(stage_sizes(H, W, len(self.backbone))):
@@ -651,15 +677,16 @@ class LVT(ModelBase):
                                  f"the minimum input side is {side} (e.g. {side}×{side})")
 
     # ---- forward ---------------------------------------------------------------------------
-    def forward_stages(self, x: torch.Tensor, mix_box=None) -> list[torch.Tensor]:
-        """The 4 stage maps, channels-last (B, H_i, W_i, C_i), each the output of its last block.
+    def forward_stages(self, x: torch.Tensor, mix_box=None, last: int | None = None) -> list[torch.Tensor]:
+        """The stage maps up to stage ``last`` (all by default), channels-last (B, H_i, W_i, C_i), each
+        the output of its last block.
 
         ``mix_box``: MixToken (token labelling), applied after stage 1's patch embed and before its
         blocks: the box's stage-1 tokens (box × ``mix_scale``) come from the batch reversed.
         """
         self.check_input(x)
         outs = []
-        for i, stage in enumerate(self.backbone):
+        for i, stage in enumerate(self.backbone[:None if last is None else last + 1]):
             x = stage.patch_embed(x)
             if i == 0 and mix_box is not None:
                 x = mix_tokens(x, mix_box, self.mix_scale)
@@ -667,36 +694,100 @@ class LVT(ModelBase):
             outs.append(x)
         return outs
 
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API over the 4 stage maps (see stvit/contract.py): ``(final features, maps)``
+        or the maps alone, in stage order. ``norm=True`` applies the norm that fits a map: the official
+        backbone's ``downstream_norms`` (``with_cls_head=False``) to every map, the classifier's final
+        ``norm`` to the last stage's. The final features are those of :meth:`forward_features` (the
+        tokens of the last stage run, with ``stop_early`` before the last)."""
+        check_output_fmt(output_fmt)
+        take, last = feature_take_indices(len(self.backbone), indices)
+        stop = last if stop_early or intermediates_only else len(self.backbone) - 1
+        maps = self.forward_stages(x, last=stop)
+        intermediates = [(self._level_norm(i, maps[i]) if norm else maps[i]).permute(0, 3, 1, 2).contiguous()
+                         for i in sorted(set(take))]
+        if intermediates_only:
+            return intermediates
+        final = maps[stop].flatten(1, 2)                                       # (B, N, C)
+        if stop == len(self.backbone) - 1 and self.with_cls_head and not self.features_only:
+            final = self._head_tokens(final)
+        return final, intermediates
+
+    def _level_norm(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if not self.with_cls_head and not self.features_only:
+            return self.downstream_norms[i](x)
+        if hasattr(self, "norm") and i == len(self.backbone) - 1:
+            return self.norm(x)
+        return x
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Keep what the stage maps ``indices`` need (timm's API, as its VOLO): the stages after the last
+        one go, and with them the final norm and the head; ``prune_head`` removes the class token, the
+        post layers and both classifiers (``forward_head`` then returns the tokens it is given),
+        ``prune_norm`` the final norm (the official backbone's ``downstream_norms``)."""
+        take, last = feature_take_indices(len(self.backbone), indices)
+        if last < len(self.backbone) - 1:
+            self.backbone = self.backbone[:last + 1]
+            if not self.with_cls_head and not self.features_only:
+                self.downstream_norms = self.downstream_norms[:last + 1]
+            self.feature_info = levels_up_to(self, last)
+            prune_head = prune_norm = True  # both are sized for the last stage
+        if self.features_only:
+            return take
+        if not self.with_cls_head:
+            if prune_norm:
+                self.downstream_norms = nn.ModuleList(nn.Identity() for _ in self.downstream_norms)
+            return take
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.cls_token, self.post_network, self.aux_head = None, None, None
+            self.head = nn.Identity()
+            self.num_classes = 0
+            self.num_features = self.head_hidden_size = self.embed_dims[last]
+            self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": 0}
+        return take
+
     def forward_features(self, x: torch.Tensor, mix_box=None) -> torch.Tensor:
         """(B, C, H, W) image -> (B, 1 + N, C) normalised tokens: the class token, then the N stage-4
         tokens (row-major), after the post layers (which only update the class token) and ``norm``."""
-        if not hasattr(self, "post_network"):
+        if self.features_only or not self.with_cls_head:
             raise ValueError("forward_features needs the classifier (built with features_only=False and "
                              "with_cls_head=True); this model returns stage maps from forward()")
-        x = self.forward_stages(x, mix_box)[-1]
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(1, 2)], dim=1)
-        for block in self.post_network:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        return self._head_tokens(self.forward_stages(x, mix_box)[-1].flatten(1, 2))
+
+    def _head_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) last-stage tokens -> [class token; tokens] through the post layers, then ``norm``
+        (without a class token and post layers once the head is pruned)."""
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            for block in self.post_network:
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, use_reentrant=False)
+                else:
+                    x = block(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens from :meth:`forward_features` -> eval logits ``head(cls) + 0.5·max_tokens aux_head``
-        (a max per class); ``pre_logits``: the class token's features (B, C), as timm's VOLO."""
+        (a max per class); ``pre_logits``: the class token's features (B, C), as timm's VOLO. With
+        the head pruned: the tokens as they are."""
+        if getattr(self, "cls_token", None) is None:
+            return x
         if pre_logits:
             return x[:, 0]
         return self.head(x[:, 0]) + EVAL_AUX_WEIGHT * self.aux_head(x[:, 1:]).max(dim=1).values
 
     def forward(self, x: torch.Tensor, mix_box=None):
         if self.features_only:
-            maps = self.forward_stages(x)
-            return [maps[i].permute(0, 3, 1, 2).contiguous() for i in self.out_indices]
+            return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
         if not self.with_cls_head:
-            maps = self.forward_stages(x)
-            return [norm(m).permute(0, 3, 1, 2).contiguous() for norm, m in zip(self.downstream_norms, maps)]
-        if mix_box is None:
+            return self.forward_intermediates(x, norm=True, intermediates_only=True)
+        # torch.fx makes every argument a placeholder: a trace records the inference forward (its
+        # mix_box argument unused), as MixToken is the training loop's input.
+        if mix_box is None or is_traced(mix_box):
             return self.forward_head(self.forward_features(x))
         return self.forward_train(x, mix_box)
 
@@ -739,23 +830,25 @@ class LVT(ModelBase):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """New ``head`` and ``aux_head`` for ``num_classes`` (0: identity, the heads return features)."""
-        if not hasattr(self, "head"):
-            raise ValueError("this model has no classifier (features_only or with_cls_head=False)")
-        ref = self.norm.weight
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New ``head`` and ``aux_head`` for ``num_classes`` (0: identity, the heads return features);
+        ``global_pool``: None only."""
+        check_fixed_pooling(global_pool, "its class token and the token head's maximum")
+        if getattr(self, "cls_token", None) is None:
+            raise ValueError("this model has no classifier (features_only, with_cls_head=False, or pruned by "
+                             "prune_intermediate_layers)")
         self.num_classes = num_classes
         for name in ("head", "aux_head"):
             layer = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
             if num_classes > 0:
                 nn.init.trunc_normal_(layer.weight, std=0.02)
                 nn.init.zeros_(layer.bias)
-            setattr(self, name, layer.to(ref.device, ref.dtype))
+            setattr(self, name, self.placed(layer))
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
 
     def no_weight_decay(self) -> set[str]:
         """lvt_cls.py ``no_weight_decay``: the class token."""
-        return {"cls_token"} if hasattr(self, "cls_token") else set()
+        return {"cls_token"} if getattr(self, "cls_token", None) is not None else set()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every backbone block's (and, with it, every post layer's) activations in backward."""
@@ -765,7 +858,7 @@ class LVT(ModelBase):
 
     def repeated_blocks(self) -> list[nn.Module]:
         blocks = [block for stage in self.backbone for block in stage.blocks]
-        return blocks + list(getattr(self, "post_network", []))
+        return blocks + list(getattr(self, "post_network", None) or [])
 
 
 def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module) -> dict:

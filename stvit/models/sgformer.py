@@ -31,11 +31,13 @@ from collections.abc import Mapping, Sequence
 from functools import partial
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..contract import DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, init_vit_weights
+from ..contract import (DropPath, FeatureInfo, ModelBase, check_global_pool, check_image_batch, check_out_indices,
+                        check_output_fmt, feature_take_indices, init_vit_weights, is_traced, levels_up_to)
 from ..registry import DEFAULT_PRETRAINED_CFG, register_family, register_model
 
 WINDOW = 7  # local-attention window side of the hybrid blocks; fixed in the authors' code
@@ -320,6 +322,15 @@ class HybridScaleAttention(AttentionBase):
         return x.reshape(B, h, H * W, d)
 
 
+def segment(x: torch.Tensor, start: float, end: float) -> torch.Tensor:
+    """The tokens (B, N, C) from fraction ``start`` to ``end`` of N (a reallocation segment)."""
+    N = x.shape[1]
+    return x[:, int(N * start):int(N * end)]
+
+
+torch.fx.wrap("segment")  # torch.fx records it as one call: N is unknown while it traces
+
+
 class TokenReallocationAttention(AttentionBase):
     """Self-guided attention: significance-guided token reallocation.
 
@@ -372,7 +383,7 @@ class TokenReallocationAttention(AttentionBase):
         x = torch.gather(x, 1, order.unsqueeze(-1).expand(B, N, C))  # (B, N, C), least significant first
         merged = []
         for i, (start, end, run) in enumerate(self.segments):
-            seg = x[:, int(N * start):int(N * end)]                     # (B, L, C)
+            seg = segment(x, start, end)                                # (B, L, C)
             runs = seg.reshape(B, -1, run, C).transpose(2, 3)           # (B, L/run, C, run)
             merged.append(getattr(self, f"f{i + 1}")(runs).squeeze(-1))  # (B, L/run, C)
         return torch.cat(merged, dim=1)
@@ -456,7 +467,11 @@ class SGFormer(ModelBase):
     ``drop_path_rate``, ``norm_layer``, ``depths``, ``sr_ratios``; their unused ``patch_size`` and
     ``linear`` are accepted and ignored, ``num_stages`` must be 4), plus ``in_chans`` (any number; the
     authors hard-code 3), ``features_only`` and ``out_indices`` (timm's backbone mode: the NCHW
-    stage maps at strides 4, 8, 16, 32, no head).
+    stage maps at strides 4, 8, 16, 32, no head), ``global_pool`` ('avg', the authors' mean over the
+    tokens, or '': the head takes the tokens).
+
+    ``forward_features`` gives the last stage's tokens (B, N, C) after ``norm4``; the feature levels
+    of ``forward_intermediates`` are the 4 stage outputs (after each stage's norm) as NCHW maps.
 
     The input size is fixed by ``img_size`` (the learned ``pos_embed`` has (img_size/4)² tokens,
     added flat) and by the window / reallocation arithmetic; ``check_input`` names what fits.
@@ -477,7 +492,7 @@ class SGFormer(ModelBase):
                  norm_layer=nn.LayerNorm, depths: Sequence[int] = (2, 4, 16, 1),
                  sr_ratios: Sequence[int] = (8, 4, 2, 1), in_chans: int = 3, features_only: bool = False,
                  out_indices: Sequence[int] = (0, 1, 2, 3), patch_size: int = 4, num_stages: int = 4,
-                 linear: bool = False, dynamic_img_size: bool = False):
+                 linear: bool = False, global_pool: str = "avg", dynamic_img_size: bool = False):
         super().__init__()
         # The authors' defaults for num_heads ([1, 2, 4, 8]) and depths ([3, 4, 6, 3]) cannot run;
         # ours are sgformer_s's. patch_size and linear are read nowhere in their code.
@@ -502,8 +517,9 @@ class SGFormer(ModelBase):
         self.depths = depths
         self.sr_ratios = sr_ratios
         self.num_stages = 4
-        self.num_features = embed_dims[-1]
+        self.num_features = self.head_hidden_size = embed_dims[-1]
         self.features_only = features_only
+        self.global_pool = check_global_pool(global_pool)
         self.dynamic_img_size = dynamic_img_size
         self._padded_sizes: dict[tuple[int, int], tuple[int, int]] = {}  # padded_size() answers
         self.grad_checkpointing = False
@@ -570,7 +586,7 @@ class SGFormer(ModelBase):
             return (n + 1) // 2
 
         grids = [(half(half(height)), half(half(width)))]
-        for _ in range(3):
+        for _ in range(self.num_stages - 1):
             grids.append((half(grids[-1][0]), half(grids[-1][1])))
         return grids
 
@@ -643,6 +659,8 @@ class SGFormer(ModelBase):
         return self._padded_sizes[key]
 
     def check_input(self, x: torch.Tensor) -> None:
+        if is_traced(x):
+            return
         check_image_batch(x, self.in_chans)
         if self.dynamic_img_size:
             return  # any size: padded to padded_size() in forward
@@ -659,14 +677,20 @@ class SGFormer(ModelBase):
         """The stage maps for ``out_indices``: the output of stage norm ``norm{i+1}``, (B, H_i·W_i, C_i)
         tokens, reshaped to (B, C_i, H_i, W_i) (strides 4, 8, 16, 32); with ``dynamic_img_size``
         cropped to the grids of the unpadded input."""
-        maps = [tokens_to_map(t, H, W) for t, H, W in self._stage_tokens(x, out_indices)]
+        levels = sorted(set(out_indices))
+        return [self._stage_map(tokens, i, x) for tokens, i in zip(self._stage_tokens(x, levels), levels)]
+
+    def _stage_map(self, tokens: tuple[torch.Tensor, int, int], stage: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage ``stage``'s (tokens, H, W) as its (B, C, H, W) map; with ``dynamic_img_size`` cropped to
+        the grid of the unpadded input ``x``."""
+        fmap = tokens_to_map(*tokens)
         if self.dynamic_img_size:
-            grids = self.stage_grids(*x.shape[-2:])
-            maps = [m[:, :, :grids[i][0], :grids[i][1]] for m, i in zip(maps, sorted(set(out_indices)))]
-        return maps
+            h, w = self.stage_grids(*x.shape[-2:])[stage]
+            fmap = fmap[:, :, :h, :w]
+        return fmap
 
     def _stage_tokens(self, x: torch.Tensor, out_indices: Sequence[int]) -> list[tuple[torch.Tensor, int, int]]:
-        """(tokens, H, W) after each stage norm in ``out_indices``; stops after the last one asked for."""
+        """(tokens, H, W) after each stage norm in ``out_indices``, in stage order; stops after the last one."""
         self.check_input(x)
         pos_embed = self.pos_embed
         if self.dynamic_img_size:
@@ -674,8 +698,8 @@ class SGFormer(ModelBase):
             padded = self.padded_size(height, width)
             x = F.pad(x, (0, padded[1] - width, 0, padded[0] - height))
             pos_embed = resample_pos_embed(pos_embed, *self.stage_grids(*padded)[0])
-        outs = []
-        for i in range(max(out_indices) + 1):
+        outs, last = [], max(out_indices)
+        for i in range(last + 1):
             x, H, W = getattr(self, f"patch_embed{i + 1}")(x)   # (B, N_i, C_i)
             if i == 0:
                 # The authors add in place (x += pos_embed); out of place is the same sum and keeps
@@ -693,22 +717,55 @@ class SGFormer(ModelBase):
             x = getattr(self, f"norm{i + 1}")(x)                # (B, N_i, C_i)
             if i in out_indices:
                 outs.append((x, H, W))
-            if i < 3:
+            if i < last:
                 x = tokens_to_map(x, H, W)                      # (B, C_i, H_i, W_i) for the next merge
         return outs
 
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API over the 4 stage maps (see stvit/contract.py): ``(final features, maps)``
+        or the maps alone, in stage order. ``norm`` changes nothing: every stage's own norm already
+        made its map (``norm4`` is the last stage's). The final features are the tokens (B, N, C) of
+        the last stage run (the last one, unless ``stop_early`` stops before it)."""
+        check_output_fmt(output_fmt)
+        take, last = feature_take_indices(self.num_stages, indices)
+        stop = last if stop_early or intermediates_only else self.num_stages - 1
+        levels = sorted(set(take) | {stop})
+        tokens = dict(zip(levels, self._stage_tokens(x, levels)))
+        intermediates = [self._stage_map(tokens[i], i, x) for i in sorted(set(take))]
+        return intermediates if intermediates_only else (tokens[stop][0], intermediates)
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Keep what the stage maps ``indices`` need (timm's API): the stages after the last one go,
+        and with them (or with ``prune_head``) the classifier; ``num_features`` is then that stage's
+        width. ``prune_norm`` removes nothing: the stage norms make the maps."""
+        take, last = feature_take_indices(self.num_stages, indices)
+        if last < self.num_stages - 1:
+            for i in range(last + 1, self.num_stages):
+                for name in (f"patch_embed{i + 1}", f"block{i + 1}", f"norm{i + 1}"):
+                    delattr(self, name)
+            self.num_stages = last + 1
+            self.feature_info = levels_up_to(self, last)
+            prune_head = True  # the head is sized for the last stage
+        if prune_head and not self.features_only:
+            self.num_features = self.head_hidden_size = self.embed_dims[last]
+            self.reset_classifier(0, "")
+        return take
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) image -> (B, N_4, C_4) tokens of the last stage after ``norm4``."""
-        return self._stage_tokens(x, (3,))[0][0]
+        return self._stage_tokens(x, (self.num_stages - 1,))[0][0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Mean over the tokens (no class token), then the classifier."""
-        x = x.mean(dim=1)                                       # (B, C_4)
+        """Mean over the tokens (no class token; none with ``global_pool=''``), then the classifier."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)                                   # (B, C_4)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor):
         if self.features_only:
-            return self.forward_stages(x, self.out_indices)
+            return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
         return self.forward_head(self.forward_features(x))
 
     # ---- timm-style API -------------------------------------------------------------------
@@ -717,15 +774,17 @@ class SGFormer(ModelBase):
             raise ValueError("a features_only model has no classifier; build it with features_only=False")
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
-        # (the authors' version reads a missing self.embed_dim and fails)
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes`` (0: none); ``global_pool`` 'avg' or '' changes the
+        pooling (None keeps it). (The authors' version reads a missing self.embed_dim and fails.)"""
         if self.features_only:
             raise ValueError("a features_only model has no classifier; build it with features_only=False")
+        if global_pool is not None:
+            self.global_pool = check_global_pool(global_pool)
         self.num_classes = num_classes
-        ref = self.norm4.weight
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.head.apply(_init_weights)
-        self.head.to(ref.device, ref.dtype)
+        head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        head.apply(_init_weights)
+        self.head = self.placed(head)
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
 
     def no_weight_decay(self) -> set[str]:
@@ -738,7 +797,7 @@ class SGFormer(ModelBase):
         self.grad_checkpointing = enable
 
     def repeated_blocks(self) -> list[nn.Module]:
-        return [block for i in range(4) for block in getattr(self, f"block{i + 1}")]
+        return [block for i in range(self.num_stages) for block in getattr(self, f"block{i + 1}")]
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -22,8 +22,8 @@ Semantics kept from the authors' code (the float64 goldens check each):
 - the token embedding of each family, sizes and BatchNorm eps/momentum included (So-ViT: the last
   Bottleneck has stride ``img_size // 112``; SoT: the dense layers have no BatchNorm, only ReLUs,
   and the last transition does not pool when ``img_size < 224``);
-- the position table is rounded through float32 as the authors' (``pos_embed`` is a frozen
-  parameter in the state dict);
+- the position table is rounded through float32 as the authors' (``pos_embed``, a frozen
+  parameter in their state dict, is a buffer here under the same key: it is never trained);
 - So-ViT mean removal is per channel; SoT's is one scalar per (sample, head) over all N·r entries;
 - the covariance divides by N; svPN works on Pᵀ in So-ViT and on P in SoT;
 - svPN's start vector is the learned, unnormalised ``weight``, the same for every singular value;
@@ -51,8 +51,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, drop_path_rates,
-                        init_vit_weights)
+from ..contract import (DropPath, FeatureInfo, ModelBase, check_fixed_pooling, check_image_batch, check_out_indices,
+                        check_output_fmt, drop_path_rates, feature_take_indices, init_vit_weights, is_traced,
+                        levels_up_to)
 from ..registry import DEFAULT_PRETRAINED_CFG, register_family, register_model
 
 # ---- shared pieces: position table, ViT block, svPN ---------------------------------------------
@@ -382,9 +383,13 @@ class _SecondOrderViT(ModelBase):
     """Token embedding -> [class token; tokens] + fixed sinusoid table -> ViT blocks -> LayerNorm ->
     the family's two-part classifier. Subclasses build ``visual_tokens`` and ``classifier``.
 
+    The feature levels (``feature_info``, ``forward_intermediates``) are the ViT blocks, as for
+    timm's ViT: each block's visual tokens as a (B, E, h, w) map, the class token left out.
+    ``head_hidden_size`` is the width of the pre-logits, [class token; second-order features].
     The token count is fixed by ``img_size``; ``dynamic_img_size=True`` (timm's name) takes inputs of
     any size, the position table resampled to their token grid (:meth:`position_table`), as a
-    segmentation backbone needs."""
+    segmentation backbone needs.
+    """
 
     family_title = ""
 
@@ -401,16 +406,17 @@ class _SecondOrderViT(ModelBase):
         act_layer = act_layer or nn.GELU
         self.img_size, self.in_chans, self.embed_dim = img_size, in_chans, embed_dim
         self.num_classes = 0 if features_only else num_classes
-        self.num_features = embed_dim
+        self.num_features = self.head_hidden_size = embed_dim
         self.features_only = features_only
         self.num_patches = num_patches
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # A fixed table, never trained: a buffer (the authors' frozen parameter, under the same key),
+        # on the device models are being built on (the meta device included).
         table = sinusoid_table(num_patches + 1, embed_dim)
-        self.pos_embed = nn.Parameter(table.to(torch.get_default_device(), torch.get_default_dtype()),
-                                      requires_grad=False)
+        self.register_buffer("pos_embed", table.to(torch.get_default_device(), torch.get_default_dtype()))
         self.visual_tokens = visual_tokens
         self.pos_drop = nn.Dropout(drop_rate)
         rates = drop_path_rates(drop_path_rate, depth)
@@ -421,13 +427,14 @@ class _SecondOrderViT(ModelBase):
         stride_info = lambda i: dict(num_chs=embed_dim, reduction=grid_stride, module=f"blocks.{i}")  # noqa: E731
         if features_only:
             # An isotropic backbone (timm's ViT convention): chosen blocks' tokens as (B, E, h, w) maps.
-            default = range(max(0, depth - 3), depth)  # the last three blocks
+            default = min(3, depth)  # the last three blocks
             self.out_indices = check_out_indices(default if out_indices is None else out_indices, depth, "block")
             self.feature_info = FeatureInfo(stride_info(i) for i in self.out_indices)
         else:
             self.classifier = head()
+            self.head_hidden_size = embed_dim + self.classifier.pool_dim
             self.norm = norm_layer(embed_dim)
-            self.feature_info = FeatureInfo(stride_info(i) for i in range(max(0, depth - 3), depth))
+            self.feature_info = FeatureInfo(stride_info(i) for i in range(depth))
         self.apply(init_vit_weights)  # as the authors; convs keep their own (Kaiming in CrossCovariance)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
@@ -440,6 +447,8 @@ class _SecondOrderViT(ModelBase):
         raise NotImplementedError
 
     def check_input(self, x: torch.Tensor) -> None:
+        if is_traced(x):
+            return
         check_image_batch(x, self.in_chans)
         H, W = x.shape[-2:]
         h, w = self.grid_size(H, W)
@@ -456,18 +465,18 @@ class _SecondOrderViT(ModelBase):
 
     # ---- forward ------------------------------------------------------------------------------
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        grid = self.grid_size(*x.shape[-2:])
+        grid = self.grid_size(*x.shape[-2:]) if self.dynamic_img_size else None
         x = self.visual_tokens(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        return self.pos_drop(x + self.position_table(grid))
+        return self.pos_drop(x + (self.pos_embed if grid is None else self.position_table(grid)))
 
     def position_table(self, grid: tuple[int, int]) -> torch.Tensor:
-        """The position table for an h×w token grid: the model's own for its grid; with
-        ``dynamic_img_size``, for another grid, the visual tokens' part laid out on the model's square
+        """The position table for an h×w token grid: the model's own for its grid; for another grid
+        (``dynamic_img_size``), the visual tokens' part laid out on the model's square
         grid and resampled bicubically (as MMSegmentation's ``resize_pos_embed`` for a ViT backbone),
         the class token's entry kept."""
         side = math.isqrt(self.num_patches)
-        if not self.dynamic_img_size or tuple(grid) == (side, side) or side * side != self.num_patches:
+        if tuple(grid) == (side, side) or side * side != self.num_patches:
             return self.pos_embed
         table = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
         table = F.interpolate(table.float(), size=tuple(grid), mode="bicubic", align_corners=False)
@@ -479,19 +488,44 @@ class _SecondOrderViT(ModelBase):
             return checkpoint(block, x, use_reentrant=False)
         return block(x)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
-        """The outputs of blocks ``indices`` as (B, E, h, w) maps (class token dropped)."""
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API over the blocks (see stvit/contract.py): ``(final features, maps)`` or the
+        maps alone, in block order: each block's visual tokens as a (B, E, h, w) map (class token
+        dropped), after the final LayerNorm with ``norm=True``. The final features are those of
+        :meth:`forward_features` (of the last block run, with ``stop_early``)."""
+        check_output_fmt(output_fmt)
+        take, last = feature_take_indices(len(self.blocks), indices)
         self.check_input(x)
         h, w = self.grid_size(*x.shape[-2:])
+        stop = last if stop_early or intermediates_only else len(self.blocks) - 1
         x = self._tokens(x)
-        outs, last = [], max(indices)
-        for i, block in enumerate(self.blocks):
+        final_norm = getattr(self, "norm", nn.Identity())
+        maps = []
+        for i, block in enumerate(self.blocks[:stop + 1]):
             x = self._run_block(block, x)
-            if i in indices:
-                outs.append(x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w))
-            if i >= last:
-                break
-        return outs
+            if i in take:
+                tap = final_norm(x) if norm else x
+                maps.append(tap[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w))
+        return maps if intermediates_only else (final_norm(x), maps)
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Keep what the block maps ``indices`` need (timm's API): the blocks after the last one go;
+        ``prune_norm`` removes the final LayerNorm, ``prune_head`` the classifier (its second-order
+        pooling included: ``forward_head`` then returns the tokens it is given)."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        if last < len(self.blocks) - 1:
+            self.blocks = self.blocks[:last + 1]
+            self.feature_info = levels_up_to(self, last)
+        if prune_norm and hasattr(self, "norm"):
+            self.norm = nn.Identity()
+        if prune_head and not self.features_only:
+            self.classifier = None
+            self.num_classes = 0
+            self.head_hidden_size = self.embed_dim
+            self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": 0}
+        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) image -> (B, 1 + N, E) tokens after the final LayerNorm, class token first."""
@@ -509,6 +543,8 @@ class _SecondOrderViT(ModelBase):
         ``pre_logits=True`` (and a model with ``num_classes=0``) gives the classifier's inputs
         side by side: ``cat([class token (E), second-order features (pool_dim)], 1)``.
         """
+        if self.classifier is None:  # pruned (prune_intermediate_layers)
+            return x
         cls, visual = x[:, 0], self.classifier.pool(x[:, 1:])
         if pre_logits or self.num_classes == 0:
             return torch.cat((cls, visual), 1)
@@ -516,7 +552,7 @@ class _SecondOrderViT(ModelBase):
 
     def forward(self, x: torch.Tensor):
         if self.features_only:
-            return self.forward_intermediates(x, self.out_indices)
+            return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
         return self.forward_head(self.forward_features(x))
 
     # ---- the contract's API -------------------------------------------------------------------
@@ -524,23 +560,25 @@ class _SecondOrderViT(ModelBase):
         """The authors' ``classifier`` module. Its two parts depend on ``num_classes``:
         ``classifier.cls_fc`` (class token) and ``classifier.visual_fc`` (second-order features),
         which ``pretrained_cfg["classifier"]`` names; the logits are their sum."""
-        if self.features_only:
-            raise ValueError("a features_only model has no classifier; build it with features_only=False")
+        if self.features_only or self.classifier is None:
+            raise ValueError("this model has no classifier (features_only, or pruned by prune_intermediate_layers); "
+                             "build it with features_only=False")
         return self.classifier
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New ``cls_fc`` and ``visual_fc`` for ``num_classes`` (0: both removed, and the model returns
-        the pre-logits features); the second-order pooling is kept."""
-        if self.features_only:
-            raise ValueError("a features_only model has no classifier; build it with features_only=False")
-        like = self.cls_token
+        the pre-logits features); the second-order pooling is kept (``global_pool``: None only)."""
+        check_fixed_pooling(global_pool, "its class token and second-order features")
+        if self.features_only or self.classifier is None:
+            raise ValueError("this model has no classifier (features_only, or pruned by prune_intermediate_layers); "
+                             "build it with features_only=False")
         self.num_classes = num_classes
         head = self.classifier
         head.cls_fc = _linear(self.embed_dim, num_classes)
         head.visual_fc = _linear(head.pool_dim, num_classes)
         for fc in (head.cls_fc, head.visual_fc):
             init_vit_weights(fc)
-            fc.to(like.device, like.dtype)
+            self.placed(fc)
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
 
     def no_weight_decay(self) -> set[str]:
@@ -613,7 +651,7 @@ class SoViT(_SecondOrderViT):
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         # Every stride-2 op (max-pool, 3×3 convs with padding 1) maps a side n to ⌈n/2⌉.
         k = 8 * self.stride
-        return -(-int(height) // k), -(-int(width) // k)
+        return -(-height // k), -(-width // k)
 
     def _size_rule(self) -> str:
         k, side = 8 * self.stride, math.isqrt(self.num_patches)
@@ -699,7 +737,7 @@ class SoT(_SecondOrderViT):
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         # The stem's max-pool gives ⌈n/2⌉; each pooling transition ⌊n/2⌋.
         k = 2 ** sum(self.pools)
-        return -(-int(height) // 2) // k, -(-int(width) // 2) // k
+        return -(-height // 2) // k, -(-width // 2) // k
 
     def _size_rule(self) -> str:
         k, side = 2 ** sum(self.pools), math.isqrt(self.num_patches)
@@ -823,8 +861,9 @@ _CFG = dict(fixed_input_size=True, input_size=(3, 224, 224), crop_pct=0.875, int
 # set another scale only with pretrained=True, which their training and evaluation never pass.
 SOVIT_CONFIGS: dict[str, dict] = {
     # Ours, for demos and tests: the cheapest So-ViT the design allows (img_size 112, the smallest
-    # it takes: 14×14 tokens from the fixed-width ResNet stem; a thin, shallow ViT and head).
-    "sovit_tiny": dict(img_size=112, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, token_dim=16,
+    # it takes: 14×14 tokens from the fixed-width ResNet stem; a thin, shallow ViT and head). Depth 3:
+    # its feature levels are its blocks, and a backbone gives three (timm's ViT convention).
+    "sovit_tiny": dict(img_size=112, embed_dim=64, depth=3, num_heads=2, mlp_ratio=2.0, token_dim=16,
                        dimension_reduction=(16, 8), regular=None),
     "So_vit_7": dict(embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0, dimension_reduction=(48, 24), regular=None),
     "So_vit_10": dict(embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0, dimension_reduction=(48, 24), regular=None),
@@ -832,9 +871,10 @@ SOVIT_CONFIGS: dict[str, dict] = {
     "So_vit_19": dict(embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0, dimension_reduction=(96, 48), regular=0.5),
 }
 SOT_CONFIGS: dict[str, dict] = {
-    # Ours, for demos and tests: img_size 112 (the last transition does not pool; 14×14 tokens).
-    # Not "sot_tiny": names are case-insensitive, and that one is the authors' SoT_Tiny.
-    "sot_mini": dict(img_size=112, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, head_num_heads=2,
+    # Ours, for demos and tests: img_size 112 (the last transition does not pool; 14×14 tokens), depth 3
+    # (three feature levels, as sovit_tiny). Not "sot_tiny": names are case-insensitive, and that one
+    # is the authors' SoT_Tiny.
+    "sot_mini": dict(img_size=112, embed_dim=64, depth=3, num_heads=2, mlp_ratio=2.0, head_num_heads=2,
                      wr_dim=6, regular=None),
     "SoT_Tiny": dict(embed_dim=240, depth=12, num_heads=4, mlp_ratio=2.5, head_num_heads=6, wr_dim=14, regular=None),
     "SoT_Small": dict(embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.5, head_num_heads=6, wr_dim=24, regular=0.5),

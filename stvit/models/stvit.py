@@ -29,13 +29,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..contract import (DropPath, FeatureInfo, ModelBase, check_image_batch, check_out_indices, drop_path_rates,
-                        init_vit_weights)
+from ..contract import (DropPath, FeatureInfo, ModelBase, check_global_pool, check_image_batch, check_out_indices,
+                        check_output_fmt, drop_path_rates, feature_take_indices, init_vit_weights, levels_up_to)
 from ..optimize import fold_bn_conv, fold_conv_bn  # the generic BatchNorm algebra
 from ..registry import DEFAULT_PRETRAINED_CFG, register_family, register_model
 
@@ -50,6 +51,21 @@ def gather_neighbours(grid: torch.Tensor) -> torch.Tensor:
     padded = F.pad(grid, (0, 0, 1, 1, 1, 1))
     views = [padded[:, 1 + dy : 1 + dy + hh, 1 + dx : 1 + dx + ww] for dy, dx in NEIGHBOUR_OFFSETS]
     return torch.stack(views, dim=3)
+
+
+def pad_to_grid(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, H, W, C) map zero-padded on the right/bottom to multiples of (h, w); the map itself when
+    they divide it."""
+    H, W = x.shape[1:3]
+    if H % h or W % w:
+        x = F.pad(x, (0, 0, 0, -W % w, 0, -H % h))
+    return x
+
+
+# torch.fx records these as single calls (their sizes are unknown while it traces; einops cannot
+# read a traced tensor's shape).
+torch.fx.wrap("pad_to_grid")
+torch.fx.wrap("rearrange")
 
 
 def scatter_neighbours(slots: torch.Tensor) -> torch.Tensor:
@@ -198,8 +214,7 @@ class SuperTokenAttention(nn.Module):
         h, w = self.stoken_size
         # Token maps are handled as (B, H, W, C) views (free for the model's channels-last maps).
         x = x.permute(0, 2, 3, 1)
-        if H0 % h or W0 % w:
-            x = F.pad(x, (0, 0, 0, -W0 % w, 0, -H0 % h))  # right/bottom zeros; padded tokens take part
+        x = pad_to_grid(x, h, w)  # right/bottom zeros; padded tokens take part
         tokens = form(x, h, w)
 
         assoc, norm = self.association(tokens)
@@ -224,7 +239,8 @@ class SuperTokenAttention(nn.Module):
             norm = scatter_neighbours(tokens.cell_sum(assoc).unsqueeze(-1)) + EPS
             if i < self.n_iter - 1:
                 stokens = scatter_neighbours(tokens.pool(assoc)) / norm
-        return assoc, norm
+        # Detached here already (no_grad); said again for a torch.fx trace, which records no grad mode.
+        return assoc.detach(), norm.detach()
 
 
 TOKEN_FORMS = {"cells": CellTokens, "map": MapTokens}
@@ -420,8 +436,12 @@ class STViT(ModelBase):
     ``stoken_size``, ``projection``, ``mlp_ratio``, ``qkv_bias``, ``qk_scale``, ``layerscale``,
     ``init_values``, ``drop_rate``, ``attn_drop_rate``, ``drop_path_rate``, ``num_classes``,
     ``in_chans``, ``use_checkpoint``, ``checkpoint_num``). ``projection=None`` skips the final
-    1×1 projection (the authors' code requires one). ``features_only=True`` builds a backbone
-    that returns the stage maps selected by ``out_indices`` (strides 4, 8, 16, 32) and has no head.
+    1×1 projection (the authors' code requires one). ``global_pool``: 'avg' (the authors' head) or ''
+    (the head takes the unpooled map). ``features_only=True`` builds a backbone that returns the
+    stage maps selected by ``out_indices`` (strides 4, 8, 16, 32) and has no head.
+
+    The feature levels of ``forward_intermediates`` are the 4 stage maps, each its last block's
+    output (before the downsampling into the next stage).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000,
@@ -432,7 +452,7 @@ class STViT(ModelBase):
                  projection: int | None = None, use_checkpoint: bool = False,
                  checkpoint_num: Sequence[int] = (0, 0, 0, 0), layerscale=(False, False, False, False),
                  init_values: float = 1e-6, features_only: bool = False,
-                 out_indices: Sequence[int] = (0, 1, 2, 3), **unused):
+                 out_indices: Sequence[int] = (0, 1, 2, 3), global_pool: str = "avg", **unused):
         super().__init__()
         unknown = set(unused) - {"freeze_bn"}  # accepted by the authors' constructor, no effect
         if unknown:
@@ -455,8 +475,9 @@ class STViT(ModelBase):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.embed_dim = embed_dim
-        self.num_features = projection or embed_dim[-1]
+        self.num_features = self.head_hidden_size = projection or embed_dim[-1]
         self.features_only = features_only
+        self.global_pool = check_global_pool(global_pool)
 
         self.patch_embed = ConvStem(in_chans, embed_dim[0])
         self.pos_drop = nn.Dropout(drop_rate)
@@ -477,8 +498,11 @@ class STViT(ModelBase):
             self.out_indices = check_out_indices(out_indices, S)
             self.feature_info = FeatureInfo(_stage_info(embed_dim, depths, i) for i in self.out_indices)
         else:
+            # The head's projection, BN and Swish (the final features): like EfficientNet's conv head,
+            # they widen the last map for the classifier and never feed the feature maps.
             self.proj = nn.Conv2d(embed_dim[-1], projection, 1) if projection else nn.Identity()
             self.norm = nn.BatchNorm2d(self.num_features)
+            self.act = nn.SiLU()
             self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
             self.feature_info = FeatureInfo(_stage_info(embed_dim, depths, i) for i in range(S))
         self.pretrained_cfg = {**STVIT_CFG, "num_classes": num_classes if not features_only else 0}
@@ -487,46 +511,90 @@ class STViT(ModelBase):
     # ---- the model contract (stvit/contract.py) ---------------------------------------------
     def forward_stages(self, x: torch.Tensor, out_indices: Sequence[int] = (0, 1, 2, 3),
                        before_downsample: bool = True) -> list[torch.Tensor]:
-        """Stage maps; ``before_downsample`` gives strides 4/8/16/32, else each stage's output."""
+        """Stage maps in stage order; ``before_downsample`` gives strides 4/8/16/32, else each stage's
+        output (downsampled for the next stage). Stops after the last stage asked for."""
         check_image_batch(x, self.in_chans)  # any size: the stem and the grids pad as needed
         # Channels-last (NHWC strides) throughout: depthwise and 1×1 convs run several times faster
         # in it on CPU (oneDNN) and GPU (cuDNN), and LayerNorm2d's permutes become free views.
         x = self.pos_drop(self.patch_embed(x.contiguous(memory_format=torch.channels_last)))
-        outs = []
+        outs, last = [], max(out_indices)
         for i, stage in enumerate(self.layers):
             x = stage.forward_blocks(x)
             if before_downsample and i in out_indices:
                 outs.append(x)
+                if i == last:
+                    break
             if stage.downsample is not None:
                 x = stage.downsample(x)
             if not before_downsample and i in out_indices:
                 outs.append(x)
-            if i >= max(out_indices):
+            if i >= last:
                 break
         return outs
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API over the 4 stage maps (see stvit/contract.py): ``(final features, maps)``
+        or the maps alone, in stage order. ``norm`` changes nothing here: the final projection, BN and
+        Swish belong to the head and apply to the final features only (those of the last stage; with
+        ``stop_early`` before it, the final features are the last stage map computed)."""
+        check_output_fmt(output_fmt)
+        take, last = feature_take_indices(len(self.layers), indices)
+        stop = last if stop_early or intermediates_only else len(self.layers) - 1
+        levels = sorted(set(take) | {stop})
+        maps = dict(zip(levels, self.forward_stages(x, levels)))
+        intermediates = [maps[i] for i in sorted(set(take))]
+        if intermediates_only:
+            return intermediates
+        final = maps[stop]
+        if stop == len(self.layers) - 1 and not self.features_only:
+            final = self.act(self.norm(self.proj(final)))
+        return final, intermediates
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Keep what the stage maps ``indices`` need (timm's API): the stages after the last one go (and
+        that stage's downsampling); the head's projection/BN/Swish go with the head, with the norm, or
+        with the last stage, and ``num_features`` is then the width of the last map kept."""
+        take, last = feature_take_indices(len(self.layers), indices)
+        if last < len(self.layers) - 1:
+            self.layers = self.layers[:last + 1]
+            self.layers[-1].downsample = None
+            self.feature_info = levels_up_to(self, last)
+            prune_head = True  # the head is sized for the final stage
+        if not self.features_only and (prune_head or prune_norm):
+            self.proj, self.norm, self.act = nn.Identity(), nn.Identity(), nn.Identity()
+            self.num_features = self.head_hidden_size = self.embed_dim[last]
+            self.reset_classifier(0, "")
+        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) image -> (B, num_features, ⌈H/32⌉, ⌈W/32⌉) final map (after proj, BN, Swish)."""
         x = self.forward_stages(x, (len(self.layers) - 1,))[0]
-        return F.silu(self.norm(self.proj(x)))
+        return self.act(self.norm(self.proj(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean((2, 3))
+        if self.global_pool == "avg":
+            x = x.mean((2, 3))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor):
         if self.features_only:
-            return self.forward_stages(x, self.out_indices)
+            return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
         return self.forward_head(self.forward_features(x))
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes`` (0: none, the model returns the pooled features);
+        ``global_pool`` 'avg' or '' changes the pooling (None keeps it)."""
         if self.features_only:
             raise ValueError("a features_only model has no classifier; build it with features_only=False")
+        if global_pool is not None:
+            self.global_pool = check_global_pool(global_pool)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
-            init_vit_weights(self.head)
-            self.head.to(self.norm.weight.device, self.norm.weight.dtype)
+            init_vit_weights(head)
+        self.head = self.placed(head)
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
 
     def no_weight_decay(self) -> set[str]:
