@@ -62,7 +62,11 @@ def import_authors_module(path: str | Path) -> types.ModuleType:
     if not path.is_file():
         raise AuthorsCodeError(f"--authors-code {path}: no such file; pass the path of models/stvit.py "
                                f"from a checkout of github.com/hhb072/STViT")
-    stand_ins = {name: mod for name, mod in _stand_in_modules().items() if _missing(name)}
+    # timm's registry always gets the stand-in: the real register_model looks their module up in
+    # sys.modules (absent during this import: KeyError 'authors_stvit'), and would list their models
+    # in timm's registry under our models' names.
+    stand_ins = {name: mod for name, mod in _stand_in_modules().items()
+                 if _missing(name) or name == "timm.models.registry"}
     saved = {name: sys.modules.get(name) for name in stand_ins}
     sys.modules.update(stand_ins)
     try:

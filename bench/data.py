@@ -219,6 +219,7 @@ def _device_stage_rate(dataset, indices: list[int], batch_size: int, rounds: int
 def _training_feed(dataset, indices: list[int], args, device: torch.device) -> dict:
     """Training img/s of ``args.train`` fed by the loader against the same step on a synthetic batch
     already on the device (see the module docstring): synthetic, fed, synthetic again."""
+    from stvit import compat
     from train.data import collate_skip_corrupt
 
     from .common import create_model
@@ -256,7 +257,7 @@ def _training_feed(dataset, indices: list[int], args, device: torch.device) -> d
         synchronize(device)
         return n / (time.perf_counter() - t0)
 
-    with process_group(device, mode == "train-bf16") as env, torch._dynamo.config.patch(**COMPILE_LIMITS):
+    with process_group(device, mode == "train-bf16") as env, compat.dynamo_config(**COMPILE_LIMITS):
         step = build_step(mode, model.to(device), None, x, device, env)
         rates = [synthetic(step), fed(step), synthetic(step)]
     best_synthetic = max(rates[0], rates[2])

@@ -14,7 +14,13 @@
 #   speed-train  the same for a training step at batch 128 (ours: bf16 FSDP2, compiled blocks)
 #   data     bench data with the machine's cores, the device stage on the GPU, and the training feed
 #   profile  bench profile on CUDA (compiled-bf16 and train), traces for TensorBoard
-#   suite    the whole suite on the device's CPU under its torch (to lower the torch floor)
+#   suite    the whole suite on the device's CPU under its torch
+#
+# Rehearsal, here, before a lease: STVIT_REHEARSAL=1 PY=VENV/bin/python bash bench/gpu_session.sh STAGE...
+# runs every stage on this machine's CPU at toy sizes, in an environment like the device's (torch 2.11
+# with Python 3.12, timm and torchvision: scripts/torch_matrix.sh 2.11.0 PYTHON3.12 builds one), so the
+# GPU minutes meet no version or import problem. What only a GPU has (CUDA graphs, fp16 autocast, NCCL,
+# FSDP2 on one GPU) is not exercised; the device-independent tests run on the CPU instead of CUDA.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +44,14 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 STVIT_GOLDEN=$PWD/.gpu/golden
 AUTHORS=$PWD/.gpu/authors/models/stvit.py
 PY=${PY:-python3}
 status=0
+# The sizes of each stage: on the device, and in a rehearsal (the suite: part of it, on xdist too).
+if [ -n "${STVIT_REHEARSAL:-}" ]; then
+    DEV=cpu BATCH=2 TRAIN_BATCH=2 RUNS=1 WORKERS=1 STEPS=2 IMAGES=16 LIMIT="--max-steps 6" KILL=3
+    DATA_IMAGES=20 DATA_WORKERS="0 1" SUITE="-n 2 tests/test_model.py"
+else
+    DEV=cuda BATCH=256 TRAIN_BATCH=128 RUNS=10 WORKERS=14 STEPS=50 IMAGES=1000 LIMIT="" KILL=400
+    DATA_IMAGES=512 DATA_WORKERS="1 8 15" SUITE="-n 8"
+fi
 
 step() {  # step NAME COMMAND...: run, log to $LOGS/NAME.log, remember a failure, go on
     local name=$1; shift
@@ -59,49 +73,51 @@ for stage in "$@"; do
     case $stage in
     check)
         environment
-        step check_cuda $PY -m pytest -q -p no:cacheprovider --device cuda -m on_device
+        step check_$DEV $PY -m pytest -q -p no:cacheprovider --device $DEV -m on_device
         ;;
     train)
         environment
         runs=/tmp/runs
         rm -rf $runs
-        step train_demo $PY -m train --output-dir $runs/demo
-        step train_kill $PY -m train --output-dir $runs/compiled --compile --grad-checkpoint --fault kill@400
-        step train_resume $PY -m train --output-dir $runs/compiled --compile --grad-checkpoint
+        step train_demo $PY -m train --output-dir $runs/demo $LIMIT
+        step train_kill $PY -m train --output-dir $runs/compiled --compile --grad-checkpoint --fault kill@$KILL $LIMIT
+        step train_resume $PY -m train --output-dir $runs/compiled --compile --grad-checkpoint $LIMIT
+        # train needs train/ and val/: bench's generated JPEGs are train/ only, val/ shows the same images
         step make_jpegs $PY -c "from pathlib import Path; from bench.data import imagenet_like; \
-print(imagenet_like(Path('/tmp/jpegs'), 1000, (500, 375)))"
-        step train_small $PY -m train --model small --data-path /tmp/jpegs --max-steps 50 --batch-size 128 \
-            --num-workers 14 --compile --output-dir $runs/small --log-every 10
+d = imagenet_like(Path('/tmp/jpegs'), $IMAGES, (500, 375)); (d / 'val').is_dir() or (d / 'val').symlink_to('train'); print(d)"
+        jpegs=$(tail -n 1 "$LOGS/make_jpegs.log")
+        step train_small $PY -m train --model small --data-path "$jpegs" --max-steps $STEPS --batch-size $TRAIN_BATCH \
+            --num-workers $WORKERS --compile --output-dir $runs/small --log-every 10
         tar czf "$LOGS/train_runs.tgz" -C $runs --exclude='*.pt' --exclude='checkpoint*' . 2>/dev/null
         ;;
     speed)
         environment
         step speed_inference $PY -m bench throughput --models small timm:convnext_tiny timm:swin_tiny_patch4_window7_224 \
-            --batch-sizes 256 --modes eager eager-amp compiled-bf16 authors authors-amp \
-            --authors-code "$AUTHORS" --runs 10 --json "$OUT/throughput_gpu_inference.json"
+            --batch-sizes $BATCH --modes eager eager-amp compiled-bf16 authors authors-amp \
+            --authors-code "$AUTHORS" --runs $RUNS --json "$OUT/throughput_gpu_inference.json"
         ;;
     speed-train)
         environment
         step speed_train $PY -m bench throughput --models small timm:convnext_tiny timm:swin_tiny_patch4_window7_224 \
-            --batch-sizes 128 --modes train train-bf16 authors-train authors-train-amp \
-            --authors-code "$AUTHORS" --runs 10 --json "$OUT/throughput_gpu_train.json"
+            --batch-sizes $TRAIN_BATCH --modes train train-bf16 authors-train authors-train-amp \
+            --authors-code "$AUTHORS" --runs $RUNS --json "$OUT/throughput_gpu_train.json"
         ;;
     data)
         environment
-        step data $PY -m bench data --device cuda --images 512 --workers 1 8 15 --batch-size 128 \
+        step data $PY -m bench data --device $DEV --images $DATA_IMAGES --workers $DATA_WORKERS --batch-size $TRAIN_BATCH \
             --pipelines paper paper-defer --baseline --train small --json "$OUT/data_gpu.json"
         ;;
     profile)
         environment
         for mode in compiled-bf16 train; do
-            step "profile_$mode" $PY -m bench profile --device cuda --model small --mode $mode --batch 128 \
+            step "profile_$mode" $PY -m bench profile --device $DEV --model small --mode $mode --batch $TRAIN_BATCH \
                 --out /tmp/profile_$mode --json "$OUT/profile_gpu_$mode.json"
             tar czf "$LOGS/profile_$mode.tgz" -C /tmp/profile_$mode . 2>/dev/null  # trace + TensorBoard files
         done
         ;;
     suite)
         environment
-        step suite_cpu $PY -m pytest -q -p no:cacheprovider -n 8
+        step suite_cpu $PY -m pytest -q -p no:cacheprovider $SUITE
         ;;
     *) echo "unknown stage $stage; stages: check train speed speed-train data profile suite (carry: alone, here)" >&2; exit 2 ;;
     esac

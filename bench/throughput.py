@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import stvit
-from stvit import precision
+from stvit import compat, precision
 from stvit.optimize import optimize
 from train import distributed
 
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> dict:
         authors_config(models[0][0])  # its message: not an STViT model, drop it or the authors* modes
     peaks = measure_peaks(device, {mode_dtype(m, device) for m in modes})
 
-    with process_group(device, "train-bf16" in modes) as env, torch._dynamo.config.patch(**COMPILE_LIMITS):
+    with process_group(device, "train-bf16" in modes) as env, compat.dynamo_config(**COMPILE_LIMITS):
         cases = []  # every (model, batch, mode) of the run, timed together below
         for name, ours in models:
             ours = ours.to(device).eval()

@@ -12,8 +12,13 @@ import sitecustomize  # noqa: E402,F401
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from stvit import compat  # noqa: E402
+
 # ../shared/golden beside the repository; STVIT_GOLDEN names another folder (a GPU machine that
 # gets a copy of some of the files, say).
+# Tests that shard a model with FSDP2 over CPU processes (gloo): torch 2.9 on (stvit/compat.py says why).
+needs_cpu_fsdp2 = pytest.mark.skipif(compat.fsdp2_cpu_problem() is not None, reason=str(compat.fsdp2_cpu_problem()))
+
 GOLDEN = Path(os.environ.get("STVIT_GOLDEN") or Path(__file__).resolve().parents[1].parent / "shared" / "golden")
 
 

@@ -18,7 +18,8 @@ from bench import __main__ as cli
 from bench.authors import AuthorsCodeError, check_same_output, import_authors_module, load_authors_twin
 from bench.common import format_table, peak_memory, summarize, write_json
 from bench.plot import Panel, Series, save_loglog
-from stvit import precision
+from conftest import needs_cpu_fsdp2
+from stvit import compat, precision
 
 # The authors' models/stvit.py is not part of this project; these tests use a local copy if there is one.
 AUTHORS_CODE = Path(os.environ.get("STVIT_AUTHORS_CODE", "/tmp/stvit-authors/models/stvit.py"))
@@ -181,6 +182,19 @@ def test_authors_code_errors_are_clear(tmp_path):
         import_authors_module(bogus)
 
 
+
+def test_authors_file_imports_beside_timm_without_touching_its_registry(tmp_path):
+    """Their file registers its models with timm's register_model: with timm installed (the test extra,
+    the GPU machine) it imports, and timm's registry is left without them."""
+    timm = pytest.importorskip("timm")
+    fake = tmp_path / "stvit.py"
+    fake.write_text("from timm.models.registry import register_model\n"
+                    "class STViT: pass\n"
+                    "@register_model\n"
+                    "def stvit_fake_authors(**kw): return None\n")
+    module = import_authors_module(fake)
+    assert module.stvit_fake_authors() is None and "stvit_fake_authors" not in timm.list_models()
+
 def test_scaling_json_plot_and_budget_skip(tmp_path):
     out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
     cli.main(["scaling", "--default-allocator", "--device", "cpu", "--sides", "8", "16", "--dim", "16", "--heads", "2",
@@ -341,6 +355,7 @@ def fake_timm(monkeypatch):
     return calls
 
 
+@needs_cpu_fsdp2
 def test_timm_models_run_in_our_modes(tmp_path, fake_timm):
     import torch.distributed as dist
     from torch._dynamo.utils import counters
@@ -348,7 +363,7 @@ def test_timm_models_run_in_our_modes(tmp_path, fake_timm):
     out = tmp_path / "tp.json"
     # train-compiled and train-bf16 compile the same block code twice (fp32, bf16): past a recompile
     # limit of 1 the second would run eagerly unless the bench lifts the limit
-    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=1):
+    with warnings.catch_warnings(), compat.dynamo_config(recompile_limit=1):
         warnings.simplefilter("ignore", precision.EmulatedBF16Warning)
         cli.main(["throughput", "--default-allocator", "--device", "cpu", "--threads", "2", "--models", "timm:toy",
                   "--batch-sizes", "2", "--train-batch-sizes", "3", "--modes", "eager", "compiled", "train-compiled",
@@ -392,6 +407,7 @@ def test_blocks_of_a_model_outside_the_zoo():
         blocks_of(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
+@needs_cpu_fsdp2
 def test_train_bf16_trains_an_fsdp2_model_and_the_authors_scaler_steps():
     """train-bf16 is train's FSDP2 wrapping (every block and the root, bf16 compute) on a one-process
     group, and its step learns; the fp16 step with a GradScaler (the authors' AMP on CUDA) learns too."""

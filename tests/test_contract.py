@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import stvit
+from conftest import needs_cpu_fsdp2
 from stvit.contract import ModelBase
 from stvit.flops import count_params
 from train.__main__ import main as train_main
@@ -358,6 +359,7 @@ shutdown()
 """
 
 
+@needs_cpu_fsdp2
 def test_fsdp2_wraps_every_family_on_two_processes(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(FSDP_WORKER)

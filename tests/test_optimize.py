@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import stvit
-from stvit import precision
+from stvit import compat, precision
 from stvit.models.stvit import ResidualDepthwiseConv
 from stvit.optimize import OptimizedModel, fold_bn_conv, fold_conv_bn, optimize
 
@@ -226,7 +226,7 @@ def test_train_compile_keeps_every_block_shape_compiled(monkeypatch):
     compile_block = nn.Module.compile  # dynamo's graphs only: the limit is dynamo's, inductor is slow here
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compile_block(self, backend="eager", **kw))
     # From dynamo's default limit (monkeypatch cannot restore a torch config entry; patch() can).
-    with torch._dynamo.config.patch(recompile_limit=8):
+    with compat.dynamo_config(recompile_limit=8):
         model = prepare_model(two_stage_micro_model().train(), DistEnv(), compile_blocks=True)
         graphs = counters["stats"]["unique_graphs"]
         for training, batch in [(True, 4), (True, 3), (True, 2), (False, 5), (False, 1)]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import needs_cpu_fsdp2
 from train import checkpoint, faults
 from train.__main__ import main
 from train.synthetic import ensure_demo_dataset
@@ -172,6 +173,7 @@ def test_sigterm_checkpoints_exits_143_and_the_same_command_continues(single, tm
 
 
 # ---- elastic restarts, hangs, two nodes -------------------------------------------------------------
+@needs_cpu_fsdp2
 def test_torchrun_restarts_a_killed_worker_and_the_run_continues(pair, tmp_path):
     args, reference = pair
     out = tmp_path / "run"
@@ -186,6 +188,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_continues(pair, tmp_path)
     assert_same_run(out, reference)
 
 
+@needs_cpu_fsdp2
 def test_a_hung_process_fails_the_run_after_dist_timeout(pair, tmp_path):
     args, _ = pair
     start = time.monotonic()
@@ -203,6 +206,7 @@ def two_nodes(*args: str) -> list[Launch]:
     return [Launch(*args, launcher=nodes, nproc=1) for _ in range(2)]
 
 
+@needs_cpu_fsdp2
 def test_sigterm_at_one_of_two_nodes_stops_both_and_two_nodes_train_like_one(pair, tmp_path):
     """Two nodes × 1 process against one node × 2 processes; process 1 (on one node only) gets SIGTERM
     after step 5: both save, leave with 143, and the same two commands again finish the run."""
@@ -220,6 +224,7 @@ def test_sigterm_at_one_of_two_nodes_stops_both_and_two_nodes_train_like_one(pai
     assert_same_run(out, reference)
 
 
+@needs_cpu_fsdp2
 def test_a_lost_node_brings_the_other_down(pair, tmp_path):
     args, _ = pair
     nodes = two_nodes(*args, "--output-dir", str(tmp_path / "run"), "--fault", "stall@2")

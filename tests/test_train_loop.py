@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import stvit
+from conftest import needs_cpu_fsdp2
 from train.__main__ import main
 from train.synthetic import ensure_demo_dataset
 
@@ -97,6 +98,7 @@ def test_run_folder_holds_config_metrics_tensorboard_and_final_weights(reference
     assert set(ema) == set(weights) and not torch.equal(ema["head.weight"], weights["head.weight"])
 
 
+@needs_cpu_fsdp2
 def test_fsdp_two_processes_match_one_process(data, reference, tmp_path):
     out = tmp_path / "fsdp"
     result = run_cli(*RECIPE, "--data-path", str(data), "--batch-size", "4", "--output-dir", str(out), torchrun=2)
@@ -115,6 +117,24 @@ def test_fsdp_two_processes_match_one_process(data, reference, tmp_path):
         torch.testing.assert_close(sharded_ema[name], single_ema[name], msg=name)
 
 
+def test_fsdp2_over_cpu_processes_is_refused_where_torch_cannot(monkeypatch):
+    """Before torch 2.9 FSDP2 fails on CPU processes or trains them wrongly (stvit/compat.py): there a run
+    stops at setup saying which torch it needs and what runs instead, never inside torch or silently."""
+    from stvit import compat
+    from train.config import ConfigError
+    from train.distributed import DistEnv, prepare_model
+
+    monkeypatch.setattr(compat, "TORCH", (2, 6))
+    model = stvit.create_model("tiny", num_classes=3)
+    with pytest.raises(ConfigError, match=r"^FSDP2 on CPU processes needs torch 2\.9 or newer; this is torch .+ "
+                                          r"train on GPUs, or on a CPU in one process without torchrun"):
+        prepare_model(model, DistEnv(world_size=2, mesh=object()))
+    assert prepare_model(model, DistEnv()) is model  # one CPU process without FSDP2 still trains
+    monkeypatch.setattr(compat, "TORCH", (2, 9))
+    assert compat.fsdp2_cpu_problem() is None
+
+
+@needs_cpu_fsdp2
 def test_bf16_mixed_precision_under_fsdp_trains_like_fp32(data, reference, tmp_path):
     """The GPU default (FSDP2 casting parameters to bf16, BatchNorm kept fp32), run on 2 CPU
     processes: it trains, and its losses stay within bf16 rounding of the fp32 run's."""
@@ -140,6 +160,7 @@ def test_bf16_without_fsdp_is_a_config_error(data, tmp_path, capsys):
     assert code != 0 and "--precision bf16" in err and "torchrun" in err and "Traceback" not in err
 
 
+@needs_cpu_fsdp2
 def test_compiled_blocks_under_fsdp_train_like_eager(data, tmp_path):
     """``--compile`` (every block through inductor) with FSDP2 on 2 processes follows the same run
     in eager mode. Drop path is off: compiled code draws its own random numbers."""

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from stvit import compat
 from stvit.contract import blocks_of
 from train.config import ConfigError
 
@@ -166,12 +167,14 @@ def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False, 
     parameters and fp32 running statistics, but not bf16 parameters with fp32 statistics. Keeping
     them fp32 is also the usual choice for statistics.
     """
+    if env.use_fsdp and env.device.type == "cpu" and (problem := compat.fsdp2_cpu_problem()):
+        raise ConfigError(problem)
     model.to(env.device)
     if compile_blocks:
         # Every block of a class shares one code object, and dynamo keeps at most recompile_limit (8)
         # graphs per code before running the rest eagerly, silently slow: each stage width × input
         # shape (training batch, evaluation batch, last partial batch) × train/eval mode is a graph.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_PER_BLOCK)
+        compat.raise_recompile_limit(COMPILED_GRAPHS_PER_BLOCK)
         for block in blocks_of(model):  # the model contract names its blocks
             # Static shapes: one graph per input shape (training batch, evaluation batch, last partial
             # batch). Dynamic-shape graphs of STViT's super-token padding arithmetic fail in inductor (torch 2.13).

@@ -413,10 +413,11 @@ class _SecondOrderViT(ModelBase):
         self.grad_checkpointing = False
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        # A fixed table, never trained: a buffer (the authors' frozen parameter, under the same key),
-        # on the device models are being built on (the meta device included).
+        # A fixed table, never trained: a buffer (the authors' frozen parameter, under the same key).
+        # torch.empty follows the default device and dtype, a `with torch.device("meta")` block
+        # included; torch.get_default_device() sees such a block only from torch 2.8 on (pytorch#148621).
         table = sinusoid_table(num_patches + 1, embed_dim)
-        self.register_buffer("pos_embed", table.to(torch.get_default_device(), torch.get_default_dtype()))
+        self.register_buffer("pos_embed", torch.empty(table.shape).copy_(table))
         self.visual_tokens = visual_tokens
         self.pos_drop = nn.Dropout(drop_rate)
         rates = drop_path_rates(drop_path_rate, depth)

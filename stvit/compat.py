@@ -1,0 +1,73 @@
+"""What differs between the torch releases stvit runs on, each difference in one place.
+
+The floor is torch 2.6 (``pyproject.toml``: FSDP2's ``fully_shard`` is public from 2.6 on); the
+releases tested are in the README's table, each by ``bash scripts/torch_matrix.sh VERSION``. Every
+entry here names the releases it is for and why; where it can, it looks for the feature itself
+rather than comparing version numbers, so it does nothing on a torch that has what is needed. The
+rest of the project calls these and never tests a torch version itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+
+# (major, minor) of the running torch, for the shims that a release fixed without a feature to look for.
+TORCH = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+
+# torch._dynamo.config, by the names of current torch → the names torch 2.6 has. The names changed
+# after 2.6; the releases since (2.11, 2.13, 2.15 checked) still take the old ones as aliases.
+_DYNAMO_OLD_NAMES = {
+    "recompile_limit": "cache_size_limit",
+    "fail_on_recompile_limit_hit": "fail_on_cache_limit_hit",
+}
+
+
+def _dynamo_name(name: str) -> str:
+    """``name`` of ``torch._dynamo.config`` as this torch spells it."""
+    import torch._dynamo.config as config
+
+    if name in _DYNAMO_OLD_NAMES and not hasattr(config, name):
+        return _DYNAMO_OLD_NAMES[name]
+    return name
+
+
+def dynamo_config(**settings) -> contextlib.AbstractContextManager:
+    """``torch._dynamo.config.patch(**settings)`` under today's names (``recompile_limit=64``), on
+    every supported torch."""
+    import torch._dynamo.config as config
+
+    return config.patch(**{_dynamo_name(name): value for name, value in settings.items()})
+
+
+def raise_recompile_limit(graphs: int) -> None:
+    """Let dynamo keep at least ``graphs`` graphs per code object (a process-wide setting)."""
+    import torch._dynamo.config as config
+
+    name = _dynamo_name("recompile_limit")
+    setattr(config, name, max(getattr(config, name), graphs))
+
+
+# FSDP2 over CPU processes (gloo) trains correctly from torch 2.9 on. Measured with two processes
+# against one (scripts/torch_matrix.sh, and one small model on two gloo processes, its weights after
+# three steps): torch 2.6 stops, 2.7 and 2.8 train wrongly and silently, 2.9, 2.10 and 2.13 match.
+# Why, read in torch's source: torch.cpu.Stream lacks the record_event and wait_event that FSDP2 calls
+# (added in 2.7, pytorch/pytorch#145935); FSDP2's copy of the gathered parameters into their buffer
+# counts, on a CPU, as an in-place change of tensors the backward still needs, so the backward stops
+# (hidden from 2.7 on, pytorch/pytorch#133044); and gloo's reduce-scatter takes ReduceOp.AVG, which
+# FSDP2 asks for, as a sum, so each process's gradient comes out multiplied by their number (up to
+# 2.8). FSDP2 on GPUs has none of these (CUDA streams, CUDA's copy, NCCL's average), as read in torch
+# 2.6's source; no GPU ran it here.
+FSDP2_ON_CPU = (2, 9)
+
+
+def fsdp2_cpu_problem() -> str | None:
+    """Why FSDP2 cannot shard a model over CPU processes under this torch; None where it can."""
+    if TORCH >= FSDP2_ON_CPU:
+        return None
+    return (f"FSDP2 on CPU processes needs torch {FSDP2_ON_CPU[0]}.{FSDP2_ON_CPU[1]} or newer; this is torch "
+            f"{torch.__version__}, whose FSDP2 fails on a CPU or whose gloo reduce-scatter sums where FSDP2 "
+            f"averages (stvit/compat.py says more). With this torch, train on GPUs, or on a CPU in one process "
+            f"without torchrun (python -m train --precision fp32)")
