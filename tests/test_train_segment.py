@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import stvit
+from conftest import needs_cpu_fsdp2
 from train.__main__ import main
 from train.config import parse_config
 from train.schedule import build_schedule
@@ -95,6 +96,7 @@ def test_max_steps_evaluates_and_the_same_command_resumes_bit_identically(refere
         assert torch.equal(final_weights(out)[name], value), name
 
 
+@needs_cpu_fsdp2
 def test_fsdp_two_processes_train_and_evaluate_like_one(reference, data, tmp_path):
     """2 processes × 2 images = 1 process × 2 accumulated micro-batches of 2 (drop path and BN per
     micro-batch, as in classification); every validation image counted once."""
