@@ -99,11 +99,20 @@ def _cpu_name() -> str:
 TIMM_PREFIX = "timm:"
 
 
-def create_model(name: str) -> tuple[str, nn.Module]:
+SEGMENT_CLASSES = 150  # ADE20K's
+
+
+def create_model(name: str, task: str = "classify", head: str = "upernet") -> tuple[str, nn.Module]:
     """(name for the results, untrained model): a registered model (``stvit_small``, ``small``), or with
     ``timm:NAME`` timm's model of that name, to time peers beside ours (timm is not a dependency).
-    Seeded: the same weights in every run."""
+    ``task="segment"``: the registered backbone in a segmentor with ``head`` and ADE20K's 150 classes
+    (``stvit.create_segmentor``), named ``<model>+<head>``. Seeded: the same weights in every run."""
     torch.manual_seed(0)
+    if task == "segment":
+        if name.startswith(TIMM_PREFIX):
+            raise BenchError(f"{name}: --task segment builds segmentors on registered backbones only")
+        canonical = stvit.resolve_name(name)
+        return f"{canonical}+{head}", stvit.create_segmentor(canonical, head=head, num_classes=SEGMENT_CLASSES)
     if not name.startswith(TIMM_PREFIX):
         canonical = stvit.resolve_name(name)
         return canonical, stvit.create_model(canonical)

@@ -40,6 +40,11 @@ rather than assuming its peak equals bf16's). On a CPU that emulates bf16
 convolutions may beat an emulated matmul — so bf16 rows are measured against the fp32 peak there,
 and the run warns.
 
+``--task segment`` times segmentors instead (``stvit.create_segmentor``: the model as backbone,
+``--head`` upernet or segformer, 150 classes), at 512² unless ``--size`` says otherwise; their
+training step is ``training_loss`` on random masks (decode + auxiliary cross-entropy). The same
+modes run, the authors' ones aside.
+
 Any registered model runs in the non-``authors`` modes, and so does a timm model named
 ``timm:NAME`` (``timm:convnext_tiny``; built untrained with 1000 classes, at its own input size,
 when timm is installed): the same precision, compilation and batch, its blocks found by
@@ -110,6 +115,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls, compilation included (default: 2)")
     p.add_argument("--min-time", type=float, default=0.0, help="keep timing rounds for at least this many seconds")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--task", choices=("classify", "segment"), default="classify",
+                   help="segment: time each model as the backbone of a segmentor (--head) at 512², side by side")
+    p.add_argument("--head", choices=("upernet", "segformer"), default="upernet",
+                   help="the segmentor's decode head with --task segment (default upernet, with its auxiliary head)")
 
 
 def default_modes(device: torch.device, authors: bool) -> list[str]:
@@ -137,9 +146,16 @@ def run(args: argparse.Namespace) -> dict:
     if any(m.startswith("authors") for m in modes) and not args.authors_code:
         raise BenchError("the authors* modes need --authors-code PATH/TO/models/stvit.py "
                          "(a checkout of github.com/hhb072/STViT)")
-    batch_sizes = args.batch_sizes or ([256] if device.type == "cuda" else [8])
+    segment = getattr(args, "task", "classify") == "segment"
+    if segment and any(m.startswith("authors") for m in modes):
+        raise BenchError("the authors* modes time the authors' classifier; drop them with --task segment")
+    batch_sizes = args.batch_sizes or ([(16 if segment else 256)] if device.type == "cuda" else [(2 if segment else 8)])
     train_batch_sizes = args.train_batch_sizes or batch_sizes
-    models = [create_model(name) for name in args.models]
+    if segment and any(m in TRAIN_MODES for m in modes) and min(train_batch_sizes) < 2:
+        raise BenchError("a segmentor's training step needs a batch of at least 2 (BatchNorm over the pyramid "
+                         "pooling's 1×1 bin); raise --train-batch-sizes or drop the train modes")
+    models = [create_model(name, getattr(args, "task", "classify"), getattr(args, "head", "upernet"))
+              for name in args.models]
     # Their code is STViT's: the authors* modes time the STViT models of the run, the others (a peer
     # family, a timm model) run without them, and a run with no STViT model is refused before anything runs.
     wants_authors = any(m.startswith("authors") for m in modes)
@@ -360,13 +376,18 @@ def train_step(model: nn.Module, x: torch.Tensor, amp: AbstractContextManager,
     and the gradients unscaled before the step, as their engine's NativeScaler does. It trains on
     ``x`` and fixed targets, or on the ``(images, targets)`` it is given (``bench data``'s feed)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    target = torch.randint(0, model.num_classes, (x.shape[0],), device=x.device,
-                           generator=torch.Generator(x.device).manual_seed(0))
+    # A segmentor (pretrained_cfg task "segment") trains on (B, H, W) masks with its own objective.
+    segment = (getattr(model, "pretrained_cfg", None) or {}).get("task") == "segment"
+    target = torch.randint(0, model.num_classes, (x.shape[0], *x.shape[2:]) if segment else (x.shape[0],),
+                           device=x.device, generator=torch.Generator(x.device).manual_seed(0))
 
     def step(images: torch.Tensor = x, targets: torch.Tensor = target):
         optimizer.zero_grad(set_to_none=True)
         with amp:
-            loss = F.cross_entropy(model(images).float(), targets)
+            if segment:
+                loss = model.training_loss(images, targets)
+            else:
+                loss = F.cross_entropy(model(images).float(), targets)
         if scaler is None:
             loss.backward()
             optimizer.step()

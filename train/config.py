@@ -8,8 +8,15 @@ Three presets fill in every value the command line leaves out:
 * ``demo``     — a few minutes on a laptop CPU on the built-in synthetic dataset; used when there
                  is no ``--data-path``.
 
-``--lr`` is always the *base* learning rate at a global batch of 1024; the peak learning rate is
-``lr * global_batch / 1024`` (global batch = per-process batch × processes × accumulation steps).
+``--task segment`` (semantic segmentation, a segmentor from ``stvit.create_segmentor``) has two more:
+
+* ``segment``      — UperNet on ADE20K in Swin's setting (MMSegmentation's 160k schedule), used with
+                     ``--data-path``;
+* ``segment-demo`` — a few minutes on a laptop CPU on a generated set of the demo's shapes.
+
+``--lr`` is always the *base* learning rate at the preset's reference global batch (1024 for
+classification, 16 for segmentation); the peak learning rate is ``lr * global_batch / reference``
+(global batch = per-process batch × processes × accumulation steps).
 """
 
 from __future__ import annotations
@@ -45,12 +52,30 @@ FINETUNE = dict(PAPER, input_size=384, batch_size=64, epochs=30, sched="constant
 DEMO = dict(PAPER, input_size=32, batch_size=64, epochs=25, lr=0.064, min_lr=1e-5, warmup_epochs=1,
             smoothing=0.1, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0, repeats=1,
             crop_scale_min=0.5, num_workers=1)
-PRESETS = {"paper": PAPER, "finetune": FINETUNE, "demo": DEMO}
+# Semantic segmentation, Swin's ADE20K recipe on MMSegmentation (configs/swin/
+# swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py and its bases): 512² crops,
+# 16 images per step (8 GPUs × 2), AdamW lr 6e-5, betas 0.9/0.999, weight decay 0.01; a linear warm-up
+# over 1,500 iterations from lr × 1e-6 (mmengine's LinearLR, start_factor 1e-6), then poly decay
+# (power 1.0) to 0 at 160k iterations; evaluation and checkpoints every 16k. No Mixup, smoothing,
+# RandAugment, erasing or repeats: the pipeline is MMSegmentation's (train/seg_data.py).
+_NO_CLASSIFICATION_AUGMENTS = dict(smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0, repeats=1)
+SEGMENT = dict(PAPER, **_NO_CLASSIFICATION_AUGMENTS, input_size=512, batch_size=2, epochs=1, sched="poly", lr=6e-5,
+               min_lr=0.0, warmup_lr=6e-11, warmup_epochs=0, weight_decay=0.01, num_workers=4,
+               iters=160_000, warmup_iters=1500, eval_every=16_000, ckpt_every=4000, head="upernet",
+               head_channels=None, eval_mode="whole", resize_scale=(2048, 512), reference_batch=16)
+# A laptop run: stvit_tiny with narrow heads (64 channels, the auxiliary head 32) on 64² crops of the
+# generated shapes (resized by 0.5-2 around 256×64, i.e. about the image's own size), 16 per step.
+SEGMENT_DEMO = dict(SEGMENT, input_size=64, batch_size=16, lr=3e-3, warmup_lr=1e-6, num_workers=1, iters=600,
+                    warmup_iters=50, eval_every=200, ckpt_every=200, head_channels=64, resize_scale=(256, 64))
+PRESETS = {"paper": PAPER, "finetune": FINETUNE, "demo": DEMO, "segment": SEGMENT, "segment-demo": SEGMENT_DEMO}
+TASKS = ("classify", "segment")
+SEGMENT_PRESETS = ("segment", "segment-demo")
 
 # A family's recipe differs from these presets where its registration says so (``recipe`` for the
 # paper preset, ``demo`` for the demo preset; ``drop_path`` in ``recipe`` applies to every preset):
 # see stvit/registry.py and each family's file.
 DEMO_DATASET = dict(num_classes=10, train_per_class=200, val_per_class=50, image_size=64)
+SEGMENT_DEMO_DATASET = dict(train_images=2000, val_images=200, image_size=64)
 
 
 class ConfigError(ValueError):
@@ -65,6 +90,7 @@ class TrainConfig:
     model: str
     data_path: str | None  # None: the built-in demo dataset
     output_dir: str | None
+    task: str = "classify"  # or "segment" (a segmentor: backbone + decode head)
     num_classes: int | None = None  # filled in from the dataset
     input_size: int = 224
     batch_size: int = 128  # per process, per forward pass
@@ -117,6 +143,17 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest complete checkpoints kept (older ones are the fallbacks)
     log_every: int = 50
     demo_dataset: dict = field(default_factory=dict)
+    reference_batch: int = REFERENCE_BATCH  # the global batch --lr is quoted at
+    # --task segment (None / 0 for classification):
+    head: str | None = None  # upernet or segformer
+    aux: bool | None = None  # the auxiliary FCN head (None: with UperNet only)
+    head_channels: int | None = None  # decode head width (None: 512 UperNet, 256 SegFormer)
+    pretrained: str | None = None  # the backbone's classification checkpoint
+    iters: int | None = None  # an iteration-based schedule of this many steps (instead of --epochs)
+    warmup_iters: int = 0
+    eval_every: int = 0  # evaluate every N steps (and at the end)
+    eval_mode: str = "whole"  # or "slide": input_size crops every 2/3 of it
+    resize_scale: tuple[int, int] = (2048, 512)  # the random / eval resize's (long, short) scale
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -142,13 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
       help="recipe preset; default: finetune with --finetune, paper with --data-path, else demo")
     a("--output-dir", default=None, help="where config.json, metrics.jsonl, TensorBoard scalars, "
       "checkpoints and model_final.pt go (default: runs/<preset>-<model>)")
+    a("--task", choices=TASKS, default=None, help="classify (default) or segment: semantic segmentation with a "
+      "decode head on the backbone (--data-path: the ADE20K layout images/{training,validation}/*.jpg, "
+      "annotations/{training,validation}/*.png; without it a generated demo set)")
     g = p.add_argument_group("schedule and optimizer (AdamW)")
     g.add_argument("--batch-size", type=int, default=None, help="images per process per forward pass")
     g.add_argument("--accum-steps", type=int, default=None, help="gradient accumulation: forward/backward passes "
                    "per optimizer step (global batch = batch size × processes × accum steps)")
     g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--sched", choices=["cosine", "constant"], default=None,
-                   help="cosine: warm-up then cosine to --min-lr, per iteration; constant: --lr throughout")
+    g.add_argument("--sched", choices=["cosine", "constant", "poly"], default=None,
+                   help="cosine: warm-up then cosine to --min-lr, per iteration; constant: --lr throughout; poly: "
+                   "warm-up then linear (power 1) decay to --min-lr (segmentation)")
     g.add_argument("--lr", type=float, default=None, help="base learning rate at a global batch of 1024 "
                    "(scaled linearly: peak lr = lr * global_batch / 1024)")
     g.add_argument("--min-lr", type=float, default=None, help="cosine floor (not scaled)")
@@ -217,6 +258,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute block activations in backward (large: the authors' first 4/7/15/0 "
                    "blocks per stage; other models: all blocks)")
     g.add_argument("--log-every", type=int, default=None, help="print progress every N steps")
+    g = p.add_argument_group("semantic segmentation (--task segment)")
+    g.add_argument("--head", choices=("upernet", "segformer"), default=None,
+                   help="decode head: upernet (UPerHead + auxiliary FCNHead, default) or segformer (all-MLP)")
+    g.add_argument("--aux", action=argparse.BooleanOptionalAction, default=None,
+                   help="the auxiliary FCN head (loss weight 0.4); default: on with upernet, off with segformer")
+    g.add_argument("--head-channels", type=int, default=None,
+                   help="decode head width (default 512 for upernet, 256 for segformer; the demo uses 64)")
+    g.add_argument("--pretrained", default=None, metavar="FILE",
+                   help="the backbone's ImageNet checkpoint (ours or the authors' release; its classifier is ignored)")
+    g.add_argument("--iters", type=int, default=None, help="training iterations (default 160000; the schedule "
+                   "counts iterations, not epochs)")
+    g.add_argument("--warmup-iters", type=int, default=None, help="linear warm-up iterations (default 1500)")
+    g.add_argument("--eval-every", type=int, default=None, help="evaluate (mIoU) every N iterations and at the "
+                   "end (default 16000)")
+    g.add_argument("--resize-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+                   help="the random resize's scale, ×0.5-2.0 keeping the ratio, and the evaluation resize's "
+                   "(default 2048 512, MMSegmentation's ADE20K; the demo 256 64)")
+    g.add_argument("--eval-mode", choices=("whole", "slide"), default=None,
+                   help="whole images (default, Swin's test_cfg) or slide: --input-size crops every 2/3 of a crop")
     g = p.add_argument_group("test hooks (for the test suite)")
     g.add_argument("--token-label", metavar="DIR", default=None,
                    help="not supported (an error that says why): VOLO/LVT's dense token labelling needs the "
@@ -233,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _choose_preset(args: argparse.Namespace) -> str:
     if args.preset:
         return args.preset
+    if args.task == "segment":
+        return "segment" if args.data_path else "segment-demo"
     if args.finetune:
         return "finetune"
     return "paper" if args.data_path else "demo"
@@ -265,12 +327,12 @@ def augment_on_device(choice: str, device: torch.device) -> bool:
 
 # Options a resumed run takes from its saved config.json unless given again (test hooks and the
 # choice of what to do — --eval, --checkpoint, --finetune — are never inherited).
-INHERITED = ("model", "data_path", "preset", "accum_steps", "drop_path", "seed", "ckpt_every", "compile",
-             "grad_checkpoint", "precision", "log_every", *PAPER)
+INHERITED = ("model", "data_path", "preset", "task", "accum_steps", "drop_path", "seed", "ckpt_every", "compile",
+             "grad_checkpoint", "precision", "log_every", *PAPER, *(k for k in SEGMENT if k not in PAPER),
+             "aux", "pretrained")
 # Options that are neither in a preset nor inherited take TrainConfig's defaults.
 BUILTIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-                    if f.name in ("accum_steps", "seed", "ckpt_every", "compile",
-                                  "grad_checkpoint", "precision")}
+                    if f.name in ("accum_steps", "seed", "compile", "grad_checkpoint", "precision")}
 
 
 def saved_run_config(resume: str) -> dict | None:
@@ -303,9 +365,15 @@ def inherit_from_run(args: argparse.Namespace) -> argparse.Namespace:
 def resolve_config(args: argparse.Namespace, world_size: int = 1) -> TrainConfig:
     """Apply the preset, the per-model defaults and the linear lr scaling; validate the result."""
     args = inherit_from_run(args)
+    args.task = args.task or "classify"
     preset_name = _choose_preset(args)
+    if (preset_name in SEGMENT_PRESETS) != (args.task == "segment"):
+        raise ConfigError(f"--preset {preset_name} is for "
+                          f"{'--task segment' if preset_name in SEGMENT_PRESETS else 'classification'}; "
+                          f"use --task {'segment' if preset_name in SEGMENT_PRESETS else 'classify'} or another preset")
     preset = PRESETS[preset_name]
-    model_name = args.model or ("tiny" if preset_name == "demo" and not args.data_path else "small")
+    demo = preset_name in ("demo", "segment-demo") and not args.data_path
+    model_name = args.model or ("tiny" if demo else "small")
     try:
         entry = stvit.model_entry(model_name)
     except ValueError as e:
@@ -321,8 +389,26 @@ def resolve_config(args: argparse.Namespace, world_size: int = 1) -> TrainConfig
     values["opt_betas"] = tuple(values["opt_betas"])
     values["num_workers"] = args.num_workers if args.num_workers is not None else preset["num_workers"]
     global_batch = values["batch_size"] * world_size * args.accum_steps
+    if args.ckpt_every is None:  # the preset's (segmentation checkpoints every few thousand iterations)
+        args.ckpt_every = preset.get("ckpt_every", 0)
+    values.pop("ckpt_every", None)
+    if args.task == "segment":
+        values.update(aux=args.aux, pretrained=args.pretrained)
+    else:
+        def given_value(name):  # set, and not the default a saved classification config.json holds
+            value = getattr(args, name, None)
+            value = tuple(value) if isinstance(value, list) else value
+            return value not in (None, TrainConfig.__dataclass_fields__[name].default)
+
+        given = [f"--{name.replace('_', '-')}" for name in SEGMENT_ONLY if given_value(name)]
+        if given:
+            raise ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only for semantic segmentation: "
+                              f"add --task segment"
+                              + ("; to start classification from weights use --finetune FILE"
+                                 if "--pretrained" in given else ""))
+    demo_dataset = {} if args.data_path else dict(SEGMENT_DEMO_DATASET if args.task == "segment" else DEMO_DATASET)
     cfg = TrainConfig(
-        preset=preset_name, model=model, data_path=args.data_path,
+        preset=preset_name, model=model, data_path=args.data_path, task=args.task,
         output_dir=_output_dir(args, f"runs/{preset_name}-{model}"),
         accum_steps=args.accum_steps, world_size=world_size, global_batch=global_batch,
         base_lr=values.pop("lr"), lr=0.0,
@@ -330,13 +416,18 @@ def resolve_config(args: argparse.Namespace, world_size: int = 1) -> TrainConfig
         finetune=args.finetune, ckpt_every=args.ckpt_every, compile=args.compile,
         grad_checkpoint=args.grad_checkpoint, precision=args.precision, max_steps=args.max_steps,
         fault=args.fault, augment_on=args.augment_on,
-        log_every=args.log_every or (10 if preset_name == "demo" else 50),
-        demo_dataset=dict(DEMO_DATASET) if not args.data_path else {}, **values)
-    cfg.lr = cfg.base_lr * global_batch / REFERENCE_BATCH
+        log_every=args.log_every or ((10 if args.task == "classify" else 25) if demo else 50),
+        demo_dataset=demo_dataset, **values)
+    cfg.opt_betas, cfg.resize_scale = tuple(cfg.opt_betas), tuple(cfg.resize_scale)
+    cfg.lr = cfg.base_lr * global_batch / cfg.reference_batch
     if cfg.sched == "constant":
         cfg.min_lr, cfg.warmup_epochs = cfg.lr, 0
     validate(cfg)
     return cfg
+
+
+SEGMENT_ONLY = ("head", "aux", "head_channels", "pretrained", "iters", "warmup_iters", "eval_every", "eval_mode",
+                "resize_scale")
 
 
 def model_recipe(entry, preset_name: str) -> dict:
@@ -351,7 +442,7 @@ def model_recipe(entry, preset_name: str) -> dict:
                 cfg = entry.builder().pretrained_cfg
             if cfg.get("fixed_input_size"):
                 changes["input_size"] = cfg["input_size"][-1]
-    if "drop_path" in entry.recipe and preset_name != "demo":
+    if "drop_path" in entry.recipe and preset_name not in ("demo", "segment-demo"):
         changes["drop_path"] = entry.recipe["drop_path"]
     unknown = set(changes) - known
     if unknown:  # a registration error, not a user's: say where to fix it
@@ -390,6 +481,20 @@ def validate(cfg: TrainConfig) -> None:
          "--checkpoint is for --eval; to train from weights use --finetune FILE, to continue a run --resume DIR")
     need(not (cfg.finetune and cfg.resume),
          "--finetune starts a new run from weights, --resume continues a run: give only one")
+    if cfg.task == "segment":
+        need(cfg.head in ("upernet", "segformer"), f"--head must be upernet or segformer, got {cfg.head!r}")
+        need(cfg.iters is not None and cfg.iters >= 1, f"--iters must be >= 1, got {cfg.iters}")
+        need(0 <= cfg.warmup_iters < cfg.iters, f"--warmup-iters must be in [0, --iters={cfg.iters}), got "
+             f"{cfg.warmup_iters}")
+        need(cfg.eval_every >= 0, f"--eval-every must be >= 0 (0: only at the end), got {cfg.eval_every}")
+        need(cfg.head_channels is None or cfg.head_channels >= 1, "--head-channels must be >= 1")
+        need(cfg.eval_mode in ("whole", "slide"), f"--eval-mode must be whole or slide, got {cfg.eval_mode!r}")
+        need(min(cfg.resize_scale) >= 1, f"--resize-scale must be positive, got {list(cfg.resize_scale)}")
+        need(cfg.augment_on != "device", "--augment-on device is for classification; segmentation augments in "
+             "the data-loader workers (drop the option)")
+        need(not cfg.finetune, "--finetune is for classification; start a segmentor from the backbone's ImageNet "
+             "weights with --pretrained FILE")
+        need(not cfg.model_ema, "--model-ema is not supported with --task segment")
     if cfg.fault is not None:
         need(parse_fault(cfg.fault) is not None,
              f"--fault must be one of {', '.join(k + '@STEP' for k in FAULTS)}, got {cfg.fault!r}")

@@ -142,12 +142,16 @@ def collate_skip_corrupt(batch) -> tuple[torch.Tensor | DeferredBatch, torch.Ten
     Returns ``(images (B, C, H, W), targets (B,) int64, n_skipped)``; when every item was
     unreadable, images and targets are empty (B = 0) and the loop should skip the step. Items
     from a deferring pipeline (``DeferredSample``) become one ``DeferredBatch``, which the
-    pipeline's ``device_stage`` finishes on the device."""
+    pipeline's ``device_stage`` finishes on the device. Tensor targets (segmentation masks) are
+    stacked: (B, H, W)."""
     kept = [item for item in batch if item is not None]
     n_skipped = len(batch) - len(kept)
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long), n_skipped
-    targets = torch.tensor([target for _, target in kept], dtype=torch.long)
+    if isinstance(kept[0][1], torch.Tensor):
+        targets = torch.stack([target for _, target in kept])
+    else:
+        targets = torch.tensor([target for _, target in kept], dtype=torch.long)
     if isinstance(kept[0][0], DeferredSample):
         return DeferredBatch.stack([image for image, _ in kept]), targets, n_skipped
     if not isinstance(kept[0][0], torch.Tensor):

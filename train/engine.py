@@ -65,20 +65,24 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
         torch.manual_seed(derive_seed(cfg.seed, step, slot, 0))  # drop path / dropout masks
         distributed.set_gradient_sync(model, m == accum - 1)
         n = x.shape[0]
+        segment = getattr(cfg, "task", "classify") == "segment"
         if n == 0:  # every image of this micro-batch was unreadable: keep collectives in step
             x = torch.zeros((2, 3, cfg.input_size, cfg.input_size))
-            y = torch.zeros(2, dtype=torch.long)
+            y = (torch.full((2, cfg.input_size, cfg.input_size), 255, dtype=torch.long) if segment  # all ignored
+                 else torch.zeros(2, dtype=torch.long))
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         # One stream per slot for the batch's draws: Mixup/CutMix first, then the model's own (MixToken).
         rng = random.Random(derive_seed(cfg.seed, step, slot, 1))
-        if mixup is not None:
-            x, soft = mixup(x, y, rng)
+        if segment:
+            target = y  # (B, H, W) class masks, 255 ignored
+        elif mixup is not None:
+            x, target = mixup(x, y, rng)
         else:
-            soft = smooth_one_hot(y, cfg.num_classes, cfg.smoothing)
+            target = smooth_one_hot(y, cfg.num_classes, cfg.smoothing)
         # The model's objective (the contract's training_loss): soft-target cross-entropy of its
-        # logits, or a family's own (LVT: MixToken with the auxiliary token loss).
-        loss = model.training_loss(x, soft, rng)
+        # logits, a family's own (LVT: MixToken with the auxiliary token loss), or a segmentor's.
+        loss = model.training_loss(x, target, rng)
         if fault_nan:
             loss = loss * float("nan")
         weight = 0.0 if n == 0 else 1.0
@@ -134,3 +138,46 @@ def evaluate(model: nn.Module, loader, env, input_size: int, finish=None) -> dic
     count = max(count, 1.0)
     return {"val_loss": loss / count, "val_acc1": 100.0 * top1 / count, "val_acc5": 100.0 * top5 / count,
             "val_images": int(sums[3].item()), "val_skipped": int(skipped)}
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: nn.Module, loader, env, *, num_classes: int, mode: str = "whole",
+                          crop_size: int = 512, stride: int = 341, finish=None) -> dict:
+    """MMSegmentation's ``IoUMetric`` over the whole validation split: mIoU, mAcc, aAcc (percent).
+
+    Each batch is predicted ``whole`` or ``slide`` (``model.inference``, one forward pass either way),
+    the logits resized to the label's original size (bilinear) and argmaxed; per-class areas are
+    summed on every process and all-reduced, so each image counts once. As in :func:`evaluate`,
+    every process runs the same number of forward passes (throw-away ones where it has fewer).
+    """
+    from stvit.segmentation import IoUAccumulator
+
+    was_training = model.training
+    model.eval()
+    ignore_index = getattr(model, "ignore_index", 255)
+    metric = IoUAccumulator(num_classes, ignore_index, device=env.device)
+    counts = torch.zeros(2, dtype=torch.float64, device=env.device)  # images, skipped
+    num_batches = torch.tensor([len(loader)], dtype=torch.float64, device=env.device)
+    if distributed.dist.is_initialized() and env.world_size > 1:
+        distributed.dist.all_reduce(num_batches, op=distributed.dist.ReduceOp.MAX)
+    batches = iter(loader)
+    for _ in range(int(num_batches.item())):
+        images, labels, skipped = next(batches, (torch.empty(0), torch.empty(0, dtype=torch.long), 0))
+        counts[1] += skipped
+        if images.shape[0] == 0:
+            model(torch.zeros((1, 3, crop_size, crop_size), device=env.device))
+            continue
+        images = finish(images, env.device) if finish else images.to(env.device, non_blocking=True)
+        logits = model.inference(images, mode, crop_size, stride)
+        for i in range(images.shape[0]):
+            label = labels[i].to(env.device, non_blocking=True)
+            scaled = F.interpolate(logits[i:i + 1].float(), size=tuple(label.shape), mode="bilinear",
+                                   align_corners=False)
+            metric.update(scaled.argmax(1)[0], label)
+        counts[0] += images.shape[0]
+    distributed.all_reduce_sum(metric.areas)
+    distributed.all_reduce_sum(counts)
+    model.train(was_training)
+    result = metric.compute()
+    return {"mIoU": result["mIoU"], "mAcc": result["mAcc"], "aAcc": result["aAcc"], "IoU": result["IoU"],
+            "val_images": int(counts[0].item()), "val_skipped": int(counts[1].item())}

@@ -1,4 +1,9 @@
-"""The training run: data, model, optimizer, resume, epochs, checkpoints, final weights."""
+"""The training run: data, model, optimizer, resume, epochs, checkpoints, final weights.
+
+Both tasks run here: classification (records and evaluations per epoch) and, with ``--task
+segment``, semantic segmentation, whose schedule counts iterations: the sampler's epochs still
+order the data (and resume mid-epoch), but the run ends after ``--iters`` steps and evaluates
+every ``--eval-every`` steps and at the end — also when ``--max-steps`` stops it."""
 
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ class Run:
         self.train_ds = self.val_ds = None                   # build_data
         self.train_sampler = self.train_loader = self.val_loader = None
         self.step_batch = self.steps_per_epoch = 0
+        self.total_steps = self.num_epochs = 0  # the schedule's length, and the sampler epochs it spans
         self.model: nn.Module | None = None                  # build_model
         self.num_params = 0
         self.bf16 = False
@@ -52,22 +58,34 @@ class Run:
             print(message, flush=True)
 
     # ---- setup ------------------------------------------------------------------------------------
+    @property
+    def segment(self) -> bool:
+        return self.cfg.task == "segment"
+
     def build_data(self) -> None:
         cfg = self.cfg
         data_path = cfg.data_path
         if data_path is None:
-            from train.synthetic import ensure_demo_dataset
+            if self.segment:
+                from train.seg_data import ensure_demo_segmentation as ensure
+            else:
+                from train.synthetic import ensure_demo_dataset as ensure
             self.log(f"no --data-path: using the built-in demo dataset {cfg.demo_dataset}")
             if self.env.is_main:  # builds it once; the others then find the finished copy
-                data_path = str(ensure_demo_dataset(seed=0, **cfg.demo_dataset))
+                data_path = str(ensure(seed=0, **cfg.demo_dataset))
             distributed.barrier()
             if not self.env.is_main:
-                data_path = str(ensure_demo_dataset(seed=0, **cfg.demo_dataset))
+                data_path = str(ensure(seed=0, **cfg.demo_dataset))
             self.log(f"demo dataset: {data_path}")
-        self.train_ds, self.val_ds = build_datasets(
-            data_path, cfg.input_size, aa=cfg.aa, reprob=cfg.reprob, interpolation=cfg.train_interpolation,
-            crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std, scale=(cfg.crop_scale_min, 1.0),
-            defer=augment_on_device(cfg.augment_on, self.env.device))
+        if self.segment:
+            from train.seg_data import build_segmentation_datasets
+            self.train_ds, self.val_ds = build_segmentation_datasets(data_path, cfg.input_size, cfg.resize_scale,
+                                                                     mean=cfg.mean, std=cfg.std)
+        else:
+            self.train_ds, self.val_ds = build_datasets(
+                data_path, cfg.input_size, aa=cfg.aa, reprob=cfg.reprob, interpolation=cfg.train_interpolation,
+                crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std, scale=(cfg.crop_scale_min, 1.0),
+                defer=augment_on_device(cfg.augment_on, self.env.device))
         if self.train_ds.transform.defer:
             self.log(f"--augment-on {cfg.augment_on}: the data loader workers decode, crop and resize; flip, "
                      f"RandAugment, normalisation and erasing run batched on {self.env.device}")
@@ -80,11 +98,17 @@ class Run:
         if self.steps_per_epoch < 1 and not cfg.eval_only:
             raise ConfigError(f"the training split has {len(self.train_ds)} images, fewer than one global batch "
                               f"of {cfg.global_batch}; lower --batch-size")
+        if cfg.iters:  # iteration-based: as many sampler epochs as the iterations need
+            self.total_steps = cfg.iters
+            self.num_epochs = -(-cfg.iters // max(self.steps_per_epoch, 1))
+        else:
+            self.total_steps, self.num_epochs = cfg.epochs * self.steps_per_epoch, cfg.epochs
         loader_args = dict(num_workers=cfg.num_workers, collate_fn=collate_skip_corrupt,
                            pin_memory=env.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
         self.train_loader = DataLoader(self.train_ds, batch_size=self.step_batch, sampler=self.train_sampler,
                                        drop_last=True, **loader_args)
-        eval_batch = max(2, int(1.5 * cfg.batch_size))
+        # Segmentation evaluates one image at a time (images differ in size; MMSegmentation's val batch).
+        eval_batch = 1 if self.segment else max(2, int(1.5 * cfg.batch_size))
         self.val_loader = DataLoader(self.val_ds, batch_size=eval_batch,
                                      sampler=DistributedEvalSampler(len(self.val_ds), env.world_size, env.rank),
                                      **loader_args)
@@ -92,8 +116,15 @@ class Run:
     def build_model(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the same initial weights on every process, whatever the world size
-        model = stvit.create_model(cfg.model, num_classes=cfg.num_classes, drop_path_rate=cfg.drop_path,
-                                   drop_rate=cfg.drop)
+        if self.segment:
+            model = stvit.create_segmentor(cfg.model, head=cfg.head, num_classes=cfg.num_classes, aux=cfg.aux,
+                                           channels=cfg.head_channels, drop_path_rate=cfg.drop_path,
+                                           pretrained=cfg.pretrained, drop_rate=cfg.drop)
+            if cfg.pretrained:
+                self.log(f"--pretrained: the backbone starts from {cfg.pretrained}")
+        else:
+            model = stvit.create_model(cfg.model, num_classes=cfg.num_classes, drop_path_rate=cfg.drop_path,
+                                       drop_rate=cfg.drop)
         try:  # a size the model cannot take (a fixed-size family): the model's message, before any work
             model.check_input(torch.empty(1, model.in_chans, cfg.input_size, cfg.input_size, device="meta"))
         except ValueError as e:
@@ -129,7 +160,7 @@ class Run:
         self.schedule = build_schedule(cfg, self.steps_per_epoch)
         mixup = Mixup(cfg.mixup, cfg.cutmix, switch_prob=cfg.mixup_switch_prob, prob=cfg.mixup_prob,
                       label_smoothing=cfg.smoothing, num_classes=cfg.num_classes)
-        self.mixup = mixup if mixup.active else None
+        self.mixup = mixup if mixup.active and not self.segment else None
         self.state = dict(model=cfg.model, num_classes=cfg.num_classes, global_batch=cfg.global_batch,
                           steps_per_epoch=self.steps_per_epoch, has_ema=cfg.model_ema, epoch=0,
                           step_in_epoch=0, global_step=0, epoch_sums=dict.fromkeys(EPOCH_SUMS, 0.0),
@@ -162,7 +193,9 @@ class Run:
         kind, at = parse_fault(cfg.fault) or (None, None)
         nan_step = at if kind == "nan" else None  # the other hooks run in faults.fault_hook
         record = state["history"][-1] if state["history"] else None
-        for epoch in range(state["epoch"], cfg.epochs):
+        if state["global_step"] >= self.total_steps:  # a finished run, resumed: nothing left to train
+            return record
+        for epoch in range(state["epoch"], self.num_epochs):
             first = state["step_in_epoch"]
             self.train_sampler.set_epoch(epoch)
             self.train_sampler.set_start(first * self.step_batch)
@@ -198,12 +231,31 @@ class Run:
                 faults.fault_hook(cfg.fault, step + 1, self.env, self.stop_signals)  # test hooks
                 self.stop_if_preempted(epoch, k)
                 last_step = k + 1 == self.steps_per_epoch
+                if cfg.iters:  # iteration-based (segmentation): evaluate on its own schedule
+                    if last_step:  # the next step opens the sampler's next epoch
+                        state.update(epoch=epoch + 1, step_in_epoch=0)
+                    done = step + 1
+                    stop = done >= self.total_steps or (cfg.max_steps is not None and done >= cfg.max_steps)
+                    if stop or (cfg.eval_every and done % cfg.eval_every == 0):
+                        record = self.finish_period(epoch, sums, lr, writer)
+                        sums = dict(state["epoch_sums"])
+                        self.save()
+                        if stop:
+                            if done < self.total_steps:
+                                self.log(f"--max-steps {cfg.max_steps} reached; evaluated and checkpoint saved")
+                            return record
+                        tick = time.perf_counter()  # the evaluation is not training time
+                    elif cfg.ckpt_every and done % cfg.ckpt_every == 0:
+                        self.save()
+                    continue
                 if cfg.max_steps is not None and step + 1 >= cfg.max_steps and not last_step:
                     self.save()
                     self.log(f"--max-steps {cfg.max_steps} reached mid-epoch; checkpoint saved")
                     return None
                 if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and not last_step:
                     self.save()
+            if cfg.iters:
+                continue  # an iteration-based run's epochs end without an evaluation (done above)
             record = self.finish_epoch(epoch, sums, lr)
             self.save()
             writer.log_epoch(record, state["global_step"])
@@ -229,6 +281,15 @@ class Run:
         cfg = self.cfg
         loss = stats.loss_sum / max(stats.images, 1)
         writer.log_step(self.state["global_step"], {"loss": loss, "lr": lr})
+        if cfg.iters:
+            step = self.state["global_step"]
+            if step % cfg.log_every and step != self.total_steps:
+                return
+            rate = sums["images"] / max(sums["train_time"], 1e-9)
+            eta = (self.total_steps - step) * cfg.global_batch / max(rate, 1e-9)
+            self.log(f"step {step}/{self.total_steps}  loss {loss:.4f} (since last evaluation "
+                     f"{sums['loss_sum'] / max(sums['images'], 1):.4f})  lr {lr:.3g}  {rate:.0f} img/s  eta {eta:.0f}s")
+            return
         done = k + 1
         if done % cfg.log_every and done != self.steps_per_epoch:
             return
@@ -238,10 +299,41 @@ class Run:
                  f"(epoch mean {sums['loss_sum'] / max(sums['images'], 1):.4f})  lr {lr:.3g}  "
                  f"{rate:.0f} img/s  epoch eta {eta:.0f}s")
 
+    def finish_period(self, epoch: int, sums: dict, lr: float, writer: MetricsWriter) -> dict:
+        """An iteration-based run's evaluation: mIoU over the validation split, one record (in the
+        history, metrics.jsonl and TensorBoard) for the steps since the last one."""
+        distributed.average_buffers(self.model)
+        val = self.evaluate()
+        step = self.state["global_step"]
+        record = {"step": step, "epoch": epoch + 1, "train_loss": sums["loss_sum"] / max(sums["images"], 1),
+                  **{k: val[k] for k in ("mIoU", "mAcc", "aAcc")}, "lr": lr,
+                  "images_per_sec": sums["images"] / max(sums["train_time"], 1e-9),
+                  "train_images": int(sums["images"]), "train_skipped": int(sums["skipped"]),
+                  "val_images": val["val_images"], "val_skipped": val["val_skipped"],
+                  "train_time": sums["train_time"], "global_step": step}
+        skipped = f", skipped {record['train_skipped']} unreadable train / {record['val_skipped']} val images" \
+            if record["train_skipped"] or record["val_skipped"] else ""
+        self.log(f"step {step}/{self.total_steps} evaluated: train loss {record['train_loss']:.4f}  mIoU "
+                 f"{record['mIoU']:.2f}  mAcc {record['mAcc']:.2f}  aAcc {record['aAcc']:.2f} on {val['val_images']} "
+                 f"val images ({self.cfg.eval_mode})  {record['images_per_sec']:.0f} img/s{skipped}")
+        self.state["history"].append(record)
+        self.state["epoch_sums"] = dict.fromkeys(EPOCH_SUMS, 0.0)
+        writer.log_epoch(record, step, group="eval")
+        return record
+
+    def evaluate(self) -> dict:
+        """The validation pass of the run's task."""
+        cfg = self.cfg
+        if self.segment:
+            return engine.evaluate_segmentation(self.model, self.val_loader, self.env, num_classes=cfg.num_classes,
+                                                mode=cfg.eval_mode, crop_size=cfg.input_size,
+                                                stride=max(1, cfg.input_size * 2 // 3),
+                                                finish=self.val_ds.transform.device_stage)
+        return engine.evaluate(self.model, self.val_loader, self.env, cfg.input_size, self.val_ds.transform.device_stage)
+
     def finish_epoch(self, epoch: int, sums: dict, lr: float) -> dict:
         distributed.average_buffers(self.model)
-        val = engine.evaluate(self.model, self.val_loader, self.env, self.cfg.input_size,
-                              self.val_ds.transform.device_stage)
+        val = self.evaluate()
         record = {"epoch": epoch + 1, "train_loss": sums["loss_sum"] / max(sums["images"], 1),
                   **{k: val[k] for k in ("val_loss", "val_acc1", "val_acc5")}, "lr": lr,
                   "images_per_sec": sums["images"] / max(sums["train_time"], 1e-9),
@@ -290,8 +382,11 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict | None:
     prepare_output_dir(cfg, env)
     r.log("configuration (saved as config.json):\n" + "\n".join(
         f"  {key:<20} {json.dumps(value)}" for key, value in sorted(cfg.to_dict().items())))
-    r.log(f"{cfg.model}: {r.num_params / 1e6:.2f} M parameters, {cfg.num_classes} classes, {len(r.train_ds)} train "
-          f"/ {len(r.val_ds)} val images, {r.steps_per_epoch} steps per epoch on {env.world_size} process(es) "
+    what = f"{cfg.model} + {cfg.head}" if r.segment else cfg.model
+    schedule = (f"{r.total_steps} steps ({r.steps_per_epoch} per pass over the data)" if cfg.iters
+                else f"{r.steps_per_epoch} steps per epoch")
+    r.log(f"{what}: {r.num_params / 1e6:.2f} M parameters, {cfg.num_classes} classes, {len(r.train_ds)} train "
+          f"/ {len(r.val_ds)} val images, {schedule} on {env.world_size} process(es) "
           f"({env.device.type}{', FSDP2' if env.use_fsdp else ''}{', bf16 mixed precision' if r.bf16 else ''}), "
           f"peak lr {cfg.lr:.3g}; writing to {cfg.output_dir}")
     writer = MetricsWriter(cfg.output_dir, enabled=env.is_main, history=r.state["history"],
@@ -303,11 +398,14 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict | None:
         path = checkpoint.save_final(cfg.output_dir, r.model, r.ema,
                                      {"config": cfg.to_dict(), "epoch": r.state["epoch"],
                                       "global_step": r.state["global_step"]}, env, r.log)
-        if record is not None:
-            also = path.with_name(checkpoint.FINAL_SAFETENSORS) if path else None
+        also = path.with_name(checkpoint.FINAL_SAFETENSORS) if path else None
+        written = f"{path}" + (f" and {also.name}" if also and also.is_file() else "")
+        if record is not None and r.segment:
+            r.log(f"finished in {time.perf_counter() - start:.0f}s: val mIoU {record['mIoU']:.2f}, mAcc "
+                  f"{record['mAcc']:.2f}, aAcc {record['aAcc']:.2f}; weights: {written}")
+        elif record is not None:
             r.log(f"finished in {time.perf_counter() - start:.0f}s: val top-1 {record['val_acc1']:.2f}%, "
-                  f"top-5 {record['val_acc5']:.2f}%; weights: {path}"
-                  + (f" and {also.name}" if also and also.is_file() else ""))
+                  f"top-5 {record['val_acc5']:.2f}%; weights: {written}")
         return record
     finally:
         writer.close()
@@ -323,8 +421,12 @@ def evaluate_only(r: Run, ckpt: Path | None) -> dict:
         source = ckpt
     else:
         source = cfg.checkpoint
-    val = engine.evaluate(r.model, r.val_loader, r.env, cfg.input_size, r.val_ds.transform.device_stage)
+    val = r.evaluate()
     skipped = f" ({val['val_skipped']} unreadable images skipped)" if val["val_skipped"] else ""
+    if r.segment:
+        r.log(f"{cfg.model} + {cfg.head} from {source} on {val['val_images']} val images ({cfg.eval_mode}): mIoU "
+              f"{val['mIoU']:.2f}  mAcc {val['mAcc']:.2f}  aAcc {val['aAcc']:.2f}{skipped}")
+        return val
     r.log(f"{cfg.model} from {source} on {val['val_images']} val images at {cfg.input_size}px: top-1 "
           f"{val['val_acc1']:.2f}%  top-5 {val['val_acc5']:.2f}%  loss {val['val_loss']:.4f}{skipped}")
     return val

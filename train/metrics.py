@@ -49,7 +49,9 @@ class MetricsWriter:
             for name, value in scalars.items():
                 self.tb.add_scalar(f"train_step/{name}", value, step)
 
-    def log_epoch(self, record: dict, step: int) -> None:
+    def log_epoch(self, record: dict, step: int, group: str = "epoch") -> None:
+        """Append ``record`` to metrics.jsonl; its numbers become TensorBoard scalars ``group/<name>``
+        (``epoch`` for classification's per-epoch records, ``eval`` for segmentation's)."""
         if not self.enabled:
             return
         with open(self.path, "a") as f:
@@ -58,7 +60,7 @@ class MetricsWriter:
             os.fsync(f.fileno())
         for name, value in record.items():
             if isinstance(value, (int, float)) and name != "epoch":
-                self.tb.add_scalar(f"epoch/{name}", value, step)
+                self.tb.add_scalar(f"{group}/{name}", value, step)
         self.tb.flush()
 
     def close(self) -> None:

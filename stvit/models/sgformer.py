@@ -475,6 +475,11 @@ class SGFormer(ModelBase):
 
     The input size is fixed by ``img_size`` (the learned ``pos_embed`` has (img_size/4)² tokens,
     added flat) and by the window / reallocation arithmetic; ``check_input`` names what fits.
+    ``dynamic_img_size=True`` (timm's name; what a segmentation backbone needs) takes any input:
+    it is zero-padded on the right and bottom to the smallest size the arithmetic takes
+    (:meth:`padded_size`), ``pos_embed`` is resampled (bicubic) to that stage-1 grid, and the
+    feature maps are cropped back to the unpadded grid ⌈H/2^(i+2)⌉ × ⌈W/2^(i+2)⌉. Padded tokens
+    take part in attention, token reallocation and the stem's GroupNorm.
     The constructor refuses layouts the authors' code cannot run (odd head counts where heads
     are halved, sr outside 2/4/8 where tokens are reallocated, a hybrid map that would reach a
     hybrid block) rather than failing in forward.
@@ -487,7 +492,7 @@ class SGFormer(ModelBase):
                  norm_layer=nn.LayerNorm, depths: Sequence[int] = (2, 4, 16, 1),
                  sr_ratios: Sequence[int] = (8, 4, 2, 1), in_chans: int = 3, features_only: bool = False,
                  out_indices: Sequence[int] = (0, 1, 2, 3), patch_size: int = 4, num_stages: int = 4,
-                 linear: bool = False, global_pool: str = "avg"):
+                 linear: bool = False, global_pool: str = "avg", dynamic_img_size: bool = False):
         super().__init__()
         # The authors' defaults for num_heads ([1, 2, 4, 8]) and depths ([3, 4, 6, 3]) cannot run;
         # ours are sgformer_s's. patch_size and linear are read nowhere in their code.
@@ -515,6 +520,8 @@ class SGFormer(ModelBase):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.features_only = features_only
         self.global_pool = check_global_pool(global_pool)
+        self.dynamic_img_size = dynamic_img_size
+        self._padded_sizes: dict[tuple[int, int], tuple[int, int]] = {}  # padded_size() answers
         self.grad_checkpointing = False
 
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # stochastic depth decay rule
@@ -583,12 +590,13 @@ class SGFormer(ModelBase):
             grids.append((half(grids[-1][0]), half(grids[-1][1])))
         return grids
 
-    def grid_problems(self, height: int, width: int) -> list[str]:
-        """Why an input of height × width does not fit (empty if it does)."""
+    def grid_problems(self, height: int, width: int, count_tokens: bool = True) -> list[str]:
+        """Why an input of height × width does not fit (empty if it does); ``count_tokens=False``
+        leaves out the stage-1 token count that ``pos_embed`` fixes (resampled when dynamic)."""
         grids = self.stage_grids(height, width)
         problems = []
         tokens = (self.img_size // 4) ** 2
-        if grids[0][0] * grids[0][1] != tokens:
+        if count_tokens and grids[0][0] * grids[0][1] != tokens:
             problems.append(f"the stage-1 grid {grids[0][0]}x{grids[0][1]} must have {tokens} tokens, the length "
                             f"of pos_embed (img_size {self.img_size})")
         for i, ((h, w), sr) in enumerate(zip(grids, self.sr_ratios)):
@@ -620,10 +628,42 @@ class SGFormer(ModelBase):
                 sizes.append((4 * gh, 4 * gw))
         return sizes
 
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        """The smallest input (by area) of at least height × width whose stage grids the windows and
+        token reallocation take (any stage-1 token count): what ``dynamic_img_size`` pads to."""
+        key = (int(height), int(width))
+        if key not in self._padded_sizes:
+            # Stage-1 grids from ⌈H/4⌉ × ⌈W/4⌉ upwards; within 4·7·2³ cells of it every layout of
+            # windows (7), strides (2³) and reallocation granules has a solution. Sides along which the
+            # windows cannot fit are skipped first (a necessary condition; grid_problems decides).
+            def side_fits(n: int) -> bool:
+                grids = self.stage_grids(4 * n, 4 * n)
+                return all(g % WINDOW == 0 and g >= sr for (g, _), sr, depth in zip(grids, self.sr_ratios, self.depths)
+                           if sr > 1 and depth)
+
+            gh, gw, span = -(-key[0] // 4), -(-key[1] // 4), 4 * WINDOW * 2 ** 3
+            heights = [h for h in range(gh, gh + span + 1) if side_fits(h)]
+            widths = [w for w in range(gw, gw + span + 1) if side_fits(w)]
+            best = None
+            for h in heights:
+                for w in widths:
+                    if best is not None and h * w >= best[0]:
+                        break  # later widths only grow the area
+                    if not self.grid_problems(4 * h, 4 * w, count_tokens=False):
+                        best = (h * w, 4 * h, 4 * w)
+                        break
+            if best is None:
+                raise ValueError(f"no input of at least {key[0]}x{key[1]} fits this SG-Former's windows and token "
+                                 f"reallocation")
+            self._padded_sizes[key] = best[1:]
+        return self._padded_sizes[key]
+
     def check_input(self, x: torch.Tensor) -> None:
         if is_traced(x):
             return
         check_image_batch(x, self.in_chans)
+        if self.dynamic_img_size:
+            return  # any size: padded to padded_size() in forward
         height, width = x.shape[-2:]
         problems = self.grid_problems(height, width)
         if problems:
@@ -635,19 +675,36 @@ class SGFormer(ModelBase):
     # ---- forward --------------------------------------------------------------------------
     def forward_stages(self, x: torch.Tensor, out_indices: Sequence[int] = (0, 1, 2, 3)) -> list[torch.Tensor]:
         """The stage maps for ``out_indices``: the output of stage norm ``norm{i+1}``, (B, H_i·W_i, C_i)
-        tokens, reshaped to (B, C_i, H_i, W_i) (strides 4, 8, 16, 32)."""
-        return [tokens_to_map(t, H, W) for t, H, W in self._stage_tokens(x, out_indices)]
+        tokens, reshaped to (B, C_i, H_i, W_i) (strides 4, 8, 16, 32); with ``dynamic_img_size``
+        cropped to the grids of the unpadded input."""
+        levels = sorted(set(out_indices))
+        return [self._stage_map(tokens, i, x) for tokens, i in zip(self._stage_tokens(x, levels), levels)]
+
+    def _stage_map(self, tokens: tuple[torch.Tensor, int, int], stage: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage ``stage``'s (tokens, H, W) as its (B, C, H, W) map; with ``dynamic_img_size`` cropped to
+        the grid of the unpadded input ``x``."""
+        fmap = tokens_to_map(*tokens)
+        if self.dynamic_img_size:
+            h, w = self.stage_grids(*x.shape[-2:])[stage]
+            fmap = fmap[:, :, :h, :w]
+        return fmap
 
     def _stage_tokens(self, x: torch.Tensor, out_indices: Sequence[int]) -> list[tuple[torch.Tensor, int, int]]:
         """(tokens, H, W) after each stage norm in ``out_indices``, in stage order; stops after the last one."""
         self.check_input(x)
+        pos_embed = self.pos_embed
+        if self.dynamic_img_size:
+            height, width = x.shape[-2:]
+            padded = self.padded_size(height, width)
+            x = F.pad(x, (0, padded[1] - width, 0, padded[0] - height))
+            pos_embed = resample_pos_embed(pos_embed, *self.stage_grids(*padded)[0])
         outs, last = [], max(out_indices)
         for i in range(last + 1):
             x, H, W = getattr(self, f"patch_embed{i + 1}")(x)   # (B, N_i, C_i)
             if i == 0:
                 # The authors add in place (x += pos_embed); out of place is the same sum and keeps
                 # autograd and torch.compile simple. Added flat: any grid with (img_size/4)² tokens.
-                x = x + self.pos_embed
+                x = x + pos_embed
             # The significance map flows from each hybrid block to the next block. The authors
             # never reset it between stages; in every layout they can run, a map leaving a stage
             # reaches only plain blocks (sr = 1), which ignore it, so restarting it is the same.
@@ -675,7 +732,7 @@ class SGFormer(ModelBase):
         stop = last if stop_early or intermediates_only else self.num_stages - 1
         levels = sorted(set(take) | {stop})
         tokens = dict(zip(levels, self._stage_tokens(x, levels)))
-        intermediates = [tokens_to_map(*tokens[i]) for i in sorted(set(take))]
+        intermediates = [self._stage_map(tokens[i], i, x) for i in sorted(set(take))]
         return intermediates if intermediates_only else (tokens[stop][0], intermediates)
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
@@ -760,14 +817,25 @@ def _init_weights(m: nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
-def resample_pos_embed(pos_embed: torch.Tensor, tokens: int) -> torch.Tensor:
-    """(1, G², C) learned embedding -> (1, g², C) with g² = tokens, bicubic over its square grid."""
-    old, new = math.isqrt(pos_embed.shape[1]), math.isqrt(tokens)
-    if old * old != pos_embed.shape[1] or new * new != tokens:
-        raise ValueError(f"pos_embed of {pos_embed.shape[1]} tokens cannot be resampled to {tokens}: not square")
+def resample_pos_embed(pos_embed: torch.Tensor, tokens: int, width: int | None = None) -> torch.Tensor:
+    """(1, G², C) learned embedding over its square G×G grid -> bicubic to a g×g grid of ``tokens``
+    = g² (or, with ``width``, to a ``tokens`` × ``width`` grid): (1, g_h·g_w, C)."""
+    old = math.isqrt(pos_embed.shape[1])
+    if width is None:
+        new = math.isqrt(tokens)
+        if new * new != tokens:
+            raise ValueError(f"pos_embed of {pos_embed.shape[1]} tokens cannot be resampled to {tokens}: not square")
+        size = (new, new)
+    else:
+        size = (tokens, width)
+    if old * old != pos_embed.shape[1]:
+        raise ValueError(f"pos_embed of {pos_embed.shape[1]} tokens is not a square grid")
+    if size == (old, old):
+        return pos_embed
     grid = pos_embed.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, tokens, -1).to(pos_embed.dtype)
+    grid = F.interpolate(grid, size=size, mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, size[0] * size[1], -1).to(pos_embed.dtype)
+
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SGFormer) -> dict[str, torch.Tensor]:

@@ -386,6 +386,9 @@ class _SecondOrderViT(ModelBase):
     The feature levels (``feature_info``, ``forward_intermediates``) are the ViT blocks, as for
     timm's ViT: each block's visual tokens as a (B, E, h, w) map, the class token left out.
     ``head_hidden_size`` is the width of the pre-logits, [class token; second-order features].
+    The token count is fixed by ``img_size``; ``dynamic_img_size=True`` (timm's name) takes inputs of
+    any size, the position table resampled to their token grid (:meth:`position_table`), as a
+    segmentation backbone needs.
     """
 
     family_title = ""
@@ -393,7 +396,7 @@ class _SecondOrderViT(ModelBase):
     def _build_trunk(self, *, img_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
                      qk_scale, drop_rate, attn_drop_rate, drop_path_rate, norm_layer, block_norm_layer, act_layer,
                      features_only, out_indices, visual_tokens: nn.Module, num_patches: int,
-                     head: Callable[[], nn.Module], grid_stride: int):
+                     head: Callable[[], nn.Module], grid_stride: int, dynamic_img_size: bool = False):
         if in_chans < 1:
             raise ValueError(f"in_chans={in_chans}: expected a positive number of input channels")
         if depth < 1:
@@ -406,6 +409,7 @@ class _SecondOrderViT(ModelBase):
         self.num_features = self.head_hidden_size = embed_dim
         self.features_only = features_only
         self.num_patches = num_patches
+        self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -449,6 +453,11 @@ class _SecondOrderViT(ModelBase):
         check_image_batch(x, self.in_chans)
         H, W = x.shape[-2:]
         h, w = self.grid_size(H, W)
+        if self.dynamic_img_size:
+            if h < 1 or w < 1:
+                raise ValueError(f"a {H}×{W} input gives a {h}×{w} token grid; {self.family_title} needs at least one "
+                                 f"token ({self._size_rule()}); use a larger input")
+            return
         if h * w != self.num_patches:
             raise ValueError(
                 f"{self.family_title} built for img_size={self.img_size} takes inputs that give exactly "
@@ -457,9 +466,23 @@ class _SecondOrderViT(ModelBase):
 
     # ---- forward ------------------------------------------------------------------------------
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self.grid_size(*x.shape[-2:]) if self.dynamic_img_size else None
         x = self.visual_tokens(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        return self.pos_drop(x + self.pos_embed)
+        return self.pos_drop(x + (self.pos_embed if grid is None else self.position_table(grid)))
+
+    def position_table(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position table for an h×w token grid: the model's own for its grid; for another grid
+        (``dynamic_img_size``), the visual tokens' part laid out on the model's square
+        grid and resampled bicubically (as MMSegmentation's ``resize_pos_embed`` for a ViT backbone),
+        the class token's entry kept."""
+        side = math.isqrt(self.num_patches)
+        if tuple(grid) == (side, side) or side * side != self.num_patches:
+            return self.pos_embed
+        table = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+        table = table.to(self.pos_embed.dtype).flatten(2).transpose(1, 2)
+        return torch.cat((self.pos_embed[:, :1], table), dim=1)
 
     def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -605,7 +628,7 @@ class SoViT(_SecondOrderViT):
                  act_layer: Callable[[], nn.Module] | None = nn.GELU, token_dim: int = 64,
                  dimension_reduction: Sequence[int] = (64, 48), remove_mean: bool = True, alpha: float = 0.5,
                  iter_num: int = 1, sv_num: int = 1, regular: float | None = 0.5, features_only: bool = False,
-                 out_indices: Sequence[int] | None = None):
+                 out_indices: Sequence[int] | None = None, dynamic_img_size: bool = False):
         super().__init__()
         if not 112 <= img_size < 336:
             raise ValueError(f"img_size={img_size}: So-ViT's token embedding takes 112 <= img_size < 336 (its last "
@@ -619,7 +642,7 @@ class SoViT(_SecondOrderViT):
             num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop_rate=drop_rate,
             attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, norm_layer=norm_layer,
             block_norm_layer=block_norm_layer, act_layer=act_layer, features_only=features_only,
-            out_indices=out_indices,
+            out_indices=out_indices, dynamic_img_size=dynamic_img_size,
             visual_tokens=SoViTTokens(ResNetTokens(img_size, in_chans, embed_dim, token_dim)),
             num_patches=(img_size // (8 * self.stride)) ** 2,
             head=lambda: SoViTHead(embed_dim, num_classes, (d1, d2), remove_mean, alpha, iter_num, sv_num, regular),
@@ -687,7 +710,8 @@ class SoT(_SecondOrderViT):
                  act_layer: Callable[[], nn.Module] | None = nn.GELU, token_dim: int = 64,
                  large_output: bool = False, head_num_heads: int = 6, wr_dim: int = 24, wr_bias: bool = False,
                  alpha: float = 0.5, iter_num: int = 1, sv_num: int = 1, regular: float | None = 0.5,
-                 features_only: bool = False, out_indices: Sequence[int] | None = None):
+                 features_only: bool = False, out_indices: Sequence[int] | None = None,
+                 dynamic_img_size: bool = False):
         super().__init__()
         if img_size < 112:
             raise ValueError(f"img_size={img_size}: SoT's token embedding takes img_size >= 112")
@@ -703,7 +727,7 @@ class SoT(_SecondOrderViT):
             num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop_rate=drop_rate,
             attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, norm_layer=norm_layer,
             block_norm_layer=block_norm_layer, act_layer=act_layer, features_only=features_only,
-            out_indices=out_indices,
+            out_indices=out_indices, dynamic_img_size=dynamic_img_size,
             visual_tokens=SoViTTokens(DenseNetTokens(img_size, in_chans, embed_dim, self.pools)),
             num_patches=side * side,
             head=lambda: SoTHead(embed_dim, num_classes, head_num_heads, wr_dim, wr_bias, alpha, iter_num, sv_num,
