@@ -195,9 +195,28 @@ def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False, 
     mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                  if bf16 else MixedPrecisionPolicy())
     for block in blocks_of(model):
+        if bf16:
+            _derived_buffers_to_bf16(block)
         fully_shard(block, mesh=env.mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=env.mesh, mp_policy=mp_policy)
     return model
+
+
+def _derived_buffers_to_bf16(block: nn.Module) -> None:
+    """Cast a block's non-persistent floating buffers to bf16, as its parameters are gathered.
+
+    FSDP2 casts parameters and block inputs, not buffers (FSDP1's ``buffer_dtype`` did). A constant
+    a block derives at build time and never saves — Swin's shifted-window attention mask — meets bf16
+    activations in a matrix product, which needs one dtype. Persistent buffers (saved with the
+    weights) and BatchNorm statistics stay fp32.
+    """
+    for module in block.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        for name in module._non_persistent_buffers_set:
+            buf = module._buffers.get(name)
+            if buf is not None and buf.is_floating_point():
+                module._buffers[name] = buf.to(torch.bfloat16)
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
