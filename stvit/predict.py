@@ -93,6 +93,19 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_arg(name: str | None) -> torch.device:
+    """A command's ``--device`` (None: cuda if available); ValueError says what is wrong and the fix."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
 @torch.no_grad()
 def predict_probabilities(model: nn.Module, batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Softmax class probabilities (float32) of a normalised (B, 3, H, W) batch, computed in ``dtype``."""
@@ -153,11 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        device = torch.device(args.device) if args.device else default_device()
-    except RuntimeError:
-        return _error(f"unknown device {args.device!r}; use cpu, cuda or cuda:N", code=2)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return _error("--device cuda was asked for but no CUDA GPU is available; use --device cpu", code=2)
+        device = device_arg(args.device)
+    except ValueError as e:
+        return _error(str(e), code=2)
     try:
         model = load_model(args.model, args.checkpoint, use_ema=args.ema)
         if model.features_only or model.num_classes == 0:

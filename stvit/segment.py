@@ -28,7 +28,7 @@ from PIL import Image
 from . import precision
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from .images import ImageError, load_image
-from .predict import _error, _positive_int, class_names, default_device, model_name_arg
+from .predict import _error, _positive_int, class_names, device_arg, model_name_arg
 from .registry import list_models
 from .segmentation import CROP_SIZE, SLIDE_STRIDE, ade20k_class_names, create_segmentor, palette
 from .segmentation.resize import rescale_size, resize_image, to_normalized_tensor
@@ -103,11 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        device = torch.device(args.device) if args.device else default_device()
-    except RuntimeError:
-        return _error(f"unknown device {args.device!r}; use cpu, cuda or cuda:N", code=2)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return _error("--device cuda was asked for but no CUDA GPU is available; use --device cpu", code=2)
+        device = device_arg(args.device)
+    except ValueError as e:
+        return _error(str(e), code=2)
     try:
         seg = load_segmentor(args.model, args.checkpoint, args.head)
         k = seg.num_classes

@@ -39,7 +39,7 @@ from .checkpoint import CheckpointError
 from .files import atomic_path
 from .images import ImageError, load_image, resize_shorter_side, to_tensor
 from .models.stvit import STViT, CellTokens, scatter_neighbours, split_qkv_heads
-from .predict import default_device, load_model, model_name_arg
+from .predict import device_arg, load_model, model_name_arg
 from .registry import FAMILIES, list_models, model_entry
 
 RANDOM_WEIGHTS_NOTE = "random weights — not a trained model"
@@ -428,11 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.size is not None and args.size < 0:
         return _error(f"--size must be positive (or 0 to keep the image size), got {args.size}", code=2)
     try:
-        device = torch.device(args.device) if args.device else default_device()
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError
-    except RuntimeError:
-        return _error(f"device {args.device!r} is not available here; use --device cpu", code=2)
+        device = device_arg(args.device)
+    except ValueError as e:
+        return _error(str(e), code=2)
     try:
         model = load_model(args.model, args.checkpoint).to(device)
         check_stages(model, args.stages, args.block)

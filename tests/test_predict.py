@@ -150,6 +150,17 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert exit_.value.code == 2
 
 
+@pytest.mark.parametrize("command", ["predict", "segment", "visualize"])
+def test_a_bad_device_is_named_with_the_fix(command, capsys, monkeypatch):
+    import importlib
+    main = importlib.import_module(f"stvit.{command}").main
+    assert main(["x.png", "--device", "gpu0"]) == 2
+    assert "error: unknown device 'gpu0'; use cpu, cuda or cuda:N" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["x.png", "--device", "cuda:1"]) == 2
+    assert "--device cuda:1 was asked for but no CUDA GPU is available; use --device cpu" in capsys.readouterr().err
+
+
 def test_backbone_checkpoint_and_wrong_names_file(tmp_path, capsys):
     torch.manual_seed(0)
     backbone = stvit.create_model("tiny", features_only=True)

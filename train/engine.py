@@ -101,6 +101,17 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
     return StepStats(loss_sum, count, skipped)
 
 
+def _as_many_batches_as_any_process(loader, env):
+    """This process's (images, targets, skipped) batches, then empty ones up to the count of the
+    process with the most: FSDP2 gathers parameters in every forward pass, so all must run as many."""
+    num_batches = torch.tensor([len(loader)], dtype=torch.float64, device=env.device)
+    if distributed.dist.is_initialized() and env.world_size > 1:
+        distributed.dist.all_reduce(num_batches, op=distributed.dist.ReduceOp.MAX)
+    batches = iter(loader)
+    for _ in range(int(num_batches.item())):
+        yield next(batches, (torch.empty(0), torch.empty(0, dtype=torch.long), 0))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, env, input_size: int, finish=None) -> dict:
     """Top-1/top-5 accuracy (percent) and mean cross-entropy over the whole validation split.
@@ -113,12 +124,7 @@ def evaluate(model: nn.Module, loader, env, input_size: int, finish=None) -> dic
     was_training = model.training
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=env.device)  # loss, top1, top5, images, skipped
-    num_batches = torch.tensor([len(loader)], dtype=torch.float64, device=env.device)
-    if distributed.dist.is_initialized() and env.world_size > 1:
-        distributed.dist.all_reduce(num_batches, op=distributed.dist.ReduceOp.MAX)
-    batches = iter(loader)
-    for _ in range(int(num_batches.item())):
-        images, targets, skipped = next(batches, (torch.empty(0), torch.empty(0, dtype=torch.long), 0))
+    for images, targets, skipped in _as_many_batches_as_any_process(loader, env):
         sums[4] += skipped
         if images.shape[0] == 0:
             model(torch.zeros((1, 3, input_size, input_size), device=env.device))
@@ -157,12 +163,7 @@ def evaluate_segmentation(model: nn.Module, loader, env, *, num_classes: int, mo
     ignore_index = getattr(model, "ignore_index", 255)
     metric = IoUAccumulator(num_classes, ignore_index, device=env.device)
     counts = torch.zeros(2, dtype=torch.float64, device=env.device)  # images, skipped
-    num_batches = torch.tensor([len(loader)], dtype=torch.float64, device=env.device)
-    if distributed.dist.is_initialized() and env.world_size > 1:
-        distributed.dist.all_reduce(num_batches, op=distributed.dist.ReduceOp.MAX)
-    batches = iter(loader)
-    for _ in range(int(num_batches.item())):
-        images, labels, skipped = next(batches, (torch.empty(0), torch.empty(0, dtype=torch.long), 0))
+    for images, labels, skipped in _as_many_batches_as_any_process(loader, env):
         counts[1] += skipped
         if images.shape[0] == 0:
             model(torch.zeros((1, 3, crop_size, crop_size), device=env.device))

@@ -34,6 +34,19 @@ from train.schedule import build_schedule, set_lr
 EPOCH_SUMS = ("loss_sum", "images", "skipped", "train_time")
 
 
+def _images_seen(sums: dict, val: dict) -> dict:
+    """What every evaluation record says of its training period's speed and images and its validation images."""
+    return {"images_per_sec": sums["images"] / max(sums["train_time"], 1e-9),
+            "train_images": int(sums["images"]), "train_skipped": int(sums["skipped"]),
+            "val_images": val["val_images"], "val_skipped": val["val_skipped"]}
+
+
+def _skipped_note(record: dict) -> str:
+    if not (record["train_skipped"] or record["val_skipped"]):
+        return ""
+    return f", skipped {record['train_skipped']} unreadable train / {record['val_skipped']} val images"
+
+
 class Run:
     """State and helpers of one training or evaluation run (one per process)."""
 
@@ -306,13 +319,9 @@ class Run:
         val = self.evaluate()
         step = self.state["global_step"]
         record = {"step": step, "epoch": epoch + 1, "train_loss": sums["loss_sum"] / max(sums["images"], 1),
-                  **{k: val[k] for k in ("mIoU", "mAcc", "aAcc")}, "lr": lr,
-                  "images_per_sec": sums["images"] / max(sums["train_time"], 1e-9),
-                  "train_images": int(sums["images"]), "train_skipped": int(sums["skipped"]),
-                  "val_images": val["val_images"], "val_skipped": val["val_skipped"],
+                  **{k: val[k] for k in ("mIoU", "mAcc", "aAcc")}, "lr": lr, **_images_seen(sums, val),
                   "train_time": sums["train_time"], "global_step": step}
-        skipped = f", skipped {record['train_skipped']} unreadable train / {record['val_skipped']} val images" \
-            if record["train_skipped"] or record["val_skipped"] else ""
+        skipped = _skipped_note(record)
         self.log(f"step {step}/{self.total_steps} evaluated: train loss {record['train_loss']:.4f}  mIoU "
                  f"{record['mIoU']:.2f}  mAcc {record['mAcc']:.2f}  aAcc {record['aAcc']:.2f} on {val['val_images']} "
                  f"val images ({self.cfg.eval_mode})  {record['images_per_sec']:.0f} img/s{skipped}")
@@ -335,13 +344,9 @@ class Run:
         distributed.average_buffers(self.model)
         val = self.evaluate()
         record = {"epoch": epoch + 1, "train_loss": sums["loss_sum"] / max(sums["images"], 1),
-                  **{k: val[k] for k in ("val_loss", "val_acc1", "val_acc5")}, "lr": lr,
-                  "images_per_sec": sums["images"] / max(sums["train_time"], 1e-9),
-                  "train_images": int(sums["images"]), "train_skipped": int(sums["skipped"]),
-                  "val_images": val["val_images"], "val_skipped": val["val_skipped"],
+                  **{k: val[k] for k in ("val_loss", "val_acc1", "val_acc5")}, "lr": lr, **_images_seen(sums, val),
                   "epoch_time": sums["train_time"], "global_step": self.state["global_step"]}
-        skipped = f", skipped {record['train_skipped']} unreadable train / {record['val_skipped']} val images" \
-            if record["train_skipped"] or record["val_skipped"] else ""
+        skipped = _skipped_note(record)
         self.log(f"epoch {epoch + 1}/{self.cfg.epochs} done: train loss {record['train_loss']:.4f}  val loss "
                  f"{record['val_loss']:.4f}  val top-1 {record['val_acc1']:.2f}%  top-5 {record['val_acc5']:.2f}%  "
                  f"{record['images_per_sec']:.0f} img/s{skipped}")
