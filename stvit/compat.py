@@ -83,3 +83,30 @@ _is_exporting = getattr(torch.compiler, "is_exporting", None)
 def is_exporting() -> bool:
     """``torch.compiler.is_exporting()`` where torch has it, else False."""
     return _is_exporting is not None and _is_exporting()
+
+
+def is_shape_guard_failure(error: Exception) -> bool:
+    """Whether ``error`` is an exported program refusing an input's shape: from torch 2.9 on an
+    ``AssertionError("Guard failed: ...")``, before it a ``RuntimeError("Expected input at
+    *args[0].shape[2] to be >= 33, but got 32")`` (seen on 2.6 and 2.8)."""
+    return isinstance(error, AssertionError) or (
+        isinstance(error, RuntimeError) and str(error).startswith("Expected input at "))
+
+
+# python -m stvit.export (torch.export with a dynamic batch and sizes, then the dynamo ONNX exporter):
+# every family exports and matches eager from torch 2.8 on (tests/test_export.py through
+# scripts/torch_matrix.sh, 2.8 to 2.15). Before: 2.7's dynamo cannot trace a set method inside
+# torch.export (`symmetric_difference`, every family); 2.6 rejects an unbounded dynamic batch
+# (a guard `batch != 2**63 - 1`), and with a bounded one still fails on STViT's super-token padding
+# arithmetic (a runtime assertion) and fails to convert SoT to ONNX.
+EXPORT = (2, 8)
+
+
+def export_problem() -> str | None:
+    """Why ``python -m stvit.export`` cannot export the zoo under this torch; None where it can."""
+    if TORCH >= EXPORT:
+        return None
+    return (f"exporting needs torch {EXPORT[0]}.{EXPORT[1]} or newer (torch.export with dynamic sizes, the "
+            f"dynamo ONNX exporter); this is torch {torch.__version__}, whose exporter fails on these models "
+            f"(stvit/compat.py says how). Export with a newer torch in another environment: the file it "
+            f"writes runs anywhere onnxruntime (ONNX) or torch {EXPORT[0]}.{EXPORT[1]}+ (pt2) does")

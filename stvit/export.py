@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import compat
 from .checkpoint import CheckpointError
 from .files import atomic_path
 from .predict import load_model, model_name_arg
@@ -88,6 +89,8 @@ def example_input(model: nn.Module, input_size: tuple[int, int]) -> torch.Tensor
 def export_program(model: nn.Module, input_size: tuple[int, int]) -> torch.export.ExportedProgram:
     """``torch.export`` of ``model``'s inference form, traced at ``input_size`` (height, width) with
     :func:`dynamic_shapes`. The size must be one the model takes (``check_input``)."""
+    if problem := compat.export_problem():
+        raise ExportError(problem)
     example = example_input(model, input_size)
     try:
         with torch.no_grad():
@@ -111,8 +114,10 @@ def side_range(program: torch.export.ExportedProgram, input_size: tuple[int, int
         try:
             module(torch.empty(1, channels, side, side, device="meta"))
             return True
-        except AssertionError:  # "Guard failed: ..."
-            return False
+        except (AssertionError, RuntimeError) as e:
+            if compat.is_shape_guard_failure(e):
+                return False
+            raise
     return search_sides(takes, min(input_size))
 
 
@@ -326,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--input-size takes HEIGHT [WIDTH], got {len(args.input_size)} numbers")
     input_size = None if args.input_size is None else (args.input_size[0], args.input_size[-1])
     try:
+        if problem := compat.export_problem():
+            raise ExportError(problem)  # before the model is built
         if fmt == "onnx":
             require_onnx()  # before the model is built and traced
         model = load_model(args.model, args.checkpoint, use_ema=args.ema)

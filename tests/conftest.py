@@ -18,6 +18,8 @@ from stvit import compat  # noqa: E402
 # gets a copy of some of the files, say).
 # Tests that shard a model with FSDP2 over CPU processes (gloo): torch 2.9 on (stvit/compat.py says why).
 needs_cpu_fsdp2 = pytest.mark.skipif(compat.fsdp2_cpu_problem() is not None, reason=str(compat.fsdp2_cpu_problem()))
+# Tests that export the models (torch.export, the dynamo ONNX exporter): torch 2.8 on (stvit/compat.py says why).
+needs_export = pytest.mark.skipif(compat.export_problem() is not None, reason=str(compat.export_problem()))
 
 GOLDEN = Path(os.environ.get("STVIT_GOLDEN") or Path(__file__).resolve().parents[1].parent / "shared" / "golden")
 

@@ -19,7 +19,7 @@ from bench.authors import AuthorsCodeError, check_same_output, import_authors_mo
 from bench.common import BenchError, format_table, peak_memory, summarize, write_json
 from bench.throughput import onnx_step
 from bench.plot import Panel, Series, save_loglog
-from conftest import needs_cpu_fsdp2
+from conftest import needs_cpu_fsdp2, needs_export
 from stvit import compat, precision
 
 # The authors' models/stvit.py is not part of this project; these tests use a local copy if there is one.
@@ -394,6 +394,7 @@ def test_timm_models_run_in_our_modes(tmp_path, fake_timm):
         cli.main(["throughput", "--default-allocator", "--models", "timm:tiny_vit_xxl"])
 
 
+@needs_export
 def test_onnx_mode_runs_the_exported_model_in_onnxruntime_and_says_what_it_does(tmp_path, fake_timm, capsys,
                                                                                 monkeypatch):
     out = tmp_path / "tp.json"
