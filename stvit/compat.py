@@ -96,9 +96,9 @@ def is_shape_guard_failure(error: Exception) -> bool:
 # python -m stvit.export (torch.export with a dynamic batch and sizes, then the dynamo ONNX exporter):
 # every family exports and matches eager from torch 2.8 on (tests/test_export.py through
 # scripts/torch_matrix.sh, 2.8 to 2.15). Before: 2.7's dynamo cannot trace a set method inside
-# torch.export (`symmetric_difference`, every family); 2.6 rejects an unbounded dynamic batch
-# (a guard `batch != 2**63 - 1`), and with a bounded one still fails on STViT's super-token padding
-# arithmetic (a runtime assertion) and fails to convert SoT to ONNX.
+# torch.export (`symmetric_difference`, met tracing STViT; the tests stopped there); 2.6 rejects an
+# unbounded dynamic batch (a guard `batch != 2**63 - 1`), and with a bounded one still fails on
+# STViT's super-token padding arithmetic (a runtime assertion) and to convert SoT to ONNX.
 EXPORT = (2, 8)
 
 
