@@ -311,13 +311,15 @@ class _ToyBlock(torch.nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.conv, self.norm = torch.nn.Conv2d(dim, dim, 3, padding=1), torch.nn.BatchNorm2d(dim)
-        # a float constant derived at build time and never saved, as Swin's attention mask: a matrix
-        # product with it needs it in the activations' dtype (bf16 under train-bf16)
-        self.register_buffer("mix", torch.eye(dim) / 2, persistent=False)
+        # A float constant derived at build time and never saved, as Swin's attention mask: added to
+        # bf16 activations (train-bf16) it would make them float32, which the next layer's bf16
+        # weights refuse, unless it follows the parameters to bf16.
+        self.register_buffer("offset", torch.full((dim, 1, 1), 0.5), persistent=False)
+        self.mix = torch.nn.Conv2d(dim, dim, 1)
 
     def forward(self, x):
         x = x + torch.relu(self.norm(self.conv(x)))
-        return x + (x.movedim(1, -1) @ self.mix).movedim(-1, 1)
+        return x + self.mix(x + self.offset)
 
 
 class _ToyStage(torch.nn.Module):
