@@ -108,5 +108,5 @@ def export_problem() -> str | None:
         return None
     return (f"exporting needs torch {EXPORT[0]}.{EXPORT[1]} or newer (torch.export with dynamic sizes, the "
             f"dynamo ONNX exporter); this is torch {torch.__version__}, whose exporter fails on these models "
-            f"(stvit/compat.py says how). Export with a newer torch in another environment: the file it "
-            f"writes runs anywhere onnxruntime (ONNX) or torch {EXPORT[0]}.{EXPORT[1]}+ (pt2) does")
+            f"(stvit/compat.py says how). Export in another environment with torch {EXPORT[0]}.{EXPORT[1]} or "
+            f"newer: the ONNX file it writes runs wherever onnxruntime does")
