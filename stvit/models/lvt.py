@@ -245,6 +245,7 @@ class DilatedQueryConv(nn.Module):
                  init: str = "kaiming"):
         super().__init__()
         self.rates = tuple(rates)
+        self.dim = dim  # the conv's groups: a plain int, which torch.fx traces as a constant
         self.weight = nn.Parameter(torch.empty(dim, 1, 3, 3))
         self.bias = nn.Parameter(torch.empty(dim)) if bias else None
         self.act = build_activation(act_layer)
@@ -259,10 +260,9 @@ class DilatedQueryConv(nn.Module):
                 nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        groups = q.shape[1]
         out = 0
         for r in self.rates:  # padding = dilation keeps the size for any rate
-            out = out + self.act(F.conv2d(q, self.weight, self.bias, padding=r, dilation=r, groups=groups))
+            out = out + self.act(F.conv2d(q, self.weight, self.bias, padding=r, dilation=r, groups=self.dim))
         return out
 
     def extra_repr(self) -> str:
