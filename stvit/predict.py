@@ -89,14 +89,10 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None, *, use_em
     return model.eval()
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def device_arg(name: str | None) -> torch.device:
     """A command's ``--device`` (None: cuda if available); ValueError says what is wrong and the fix."""
     if name is None:
-        return default_device()
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
