@@ -69,6 +69,7 @@ SEGMENT_DEMO = dict(SEGMENT, input_size=64, batch_size=16, lr=3e-3, warmup_lr=1e
                     warmup_iters=50, eval_every=200, ckpt_every=200, head_channels=64, resize_scale=(256, 64))
 PRESETS = {"paper": PAPER, "finetune": FINETUNE, "demo": DEMO, "segment": SEGMENT, "segment-demo": SEGMENT_DEMO}
 TASKS = ("classify", "segment")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 SEGMENT_PRESETS = ("segment", "segment-demo")
 
 # A family's recipe differs from these presets where its registration says so (``recipe`` for the
@@ -135,6 +136,7 @@ class TrainConfig:
     finetune: str | None = None
     ckpt_every: int = 0  # steps; 0 = only at epoch ends
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend for --compile
     grad_checkpoint: bool = False
     precision: str = "auto"  # auto: bf16 mixed precision on GPU, fp32 on CPU
     max_steps: int | None = None  # test hook: stop after this many optimizer steps
@@ -251,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", default=None, help="start from these weights with the fine-tune preset; "
                    "a classifier of another size is replaced by a new one")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile each transformer block")
+    g.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default=None,
+                   help="the backend of --compile: inductor (default: generated kernels), or aot_eager / eager "
+                   "(traced graphs run by torch's own kernels: no code generation, to tell a tracing problem "
+                   "from a compiler one)")
     g.add_argument("--precision", choices=precision.PRECISIONS, default=None,
                    help="bf16: FSDP2 mixed precision (bf16 compute, fp32 weights, optimizer and gradient "
                    "reduction; BatchNorm kept in fp32); auto (default): bf16 on GPU, fp32 on CPU")
@@ -328,11 +334,11 @@ def augment_on_device(choice: str, device: torch.device) -> bool:
 # Options a resumed run takes from its saved config.json unless given again (test hooks and the
 # choice of what to do — --eval, --checkpoint, --finetune — are never inherited).
 INHERITED = ("model", "data_path", "preset", "task", "accum_steps", "drop_path", "seed", "ckpt_every", "compile",
-             "grad_checkpoint", "precision", "log_every", *PAPER, *(k for k in SEGMENT if k not in PAPER),
-             "aux", "pretrained")
+             "compile_backend", "grad_checkpoint", "precision", "log_every", *PAPER,
+             *(k for k in SEGMENT if k not in PAPER), "aux", "pretrained")
 # Options that are neither in a preset nor inherited take TrainConfig's defaults.
 BUILTIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-                    if f.name in ("accum_steps", "seed", "compile", "grad_checkpoint", "precision")}
+                    if f.name in ("accum_steps", "seed", "compile", "compile_backend", "grad_checkpoint", "precision")}
 
 
 def saved_run_config(resume: str) -> dict | None:
@@ -414,6 +420,7 @@ def resolve_config(args: argparse.Namespace, world_size: int = 1) -> TrainConfig
         base_lr=values.pop("lr"), lr=0.0,
         seed=args.seed, resume=args.resume, eval_only=args.eval_only, checkpoint=args.checkpoint,
         finetune=args.finetune, ckpt_every=args.ckpt_every, compile=args.compile,
+        compile_backend=args.compile_backend,
         grad_checkpoint=args.grad_checkpoint, precision=args.precision, max_steps=args.max_steps,
         fault=args.fault, augment_on=args.augment_on,
         log_every=args.log_every or ((10 if args.task == "classify" else 25) if demo else 50),

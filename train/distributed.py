@@ -155,7 +155,8 @@ def world_size_hint() -> int:
 COMPILED_GRAPHS_PER_BLOCK = 64
 
 
-def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False, bf16: bool = False) -> nn.Module:
+def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False, bf16: bool = False,
+                  compile_backend: str = "inductor") -> nn.Module:
     """Move to the device, optionally compile each block, then FSDP2-shard each block and the root.
 
     Compiling per block before sharding (as torchtitan does) keeps graphs small and lets FSDP2's
@@ -178,7 +179,7 @@ def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False, 
         for block in blocks_of(model):  # the model contract names its blocks
             # Static shapes: one graph per input shape (training batch, evaluation batch, last partial
             # batch). Dynamic-shape graphs of STViT's super-token padding arithmetic fail in inductor (torch 2.13).
-            block.compile(dynamic=False)
+            block.compile(dynamic=False, backend=compile_backend)
     if not env.use_fsdp:
         if bf16:
             raise ConfigError("--precision bf16: mixed precision comes from FSDP2, which a single CPU process "

@@ -39,7 +39,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # while the global batch stays (checked at resume).
 LAUNCH_FIELDS = {"resume", "fault", "max_steps", "log_every", "num_workers", "eval_only", "checkpoint",
                  "output_dir", "dist_timeout", "keep_checkpoints", "world_size", "batch_size", "accum_steps",
-                 "compile", "precision", "grad_checkpoint", "num_classes", "augment_on", "eval_every"}
+                 "compile", "compile_backend", "precision", "grad_checkpoint", "num_classes", "augment_on", "eval_every"}
 RUN_FILES = ("config.json", "metrics.jsonl", "tensorboard", checkpoint.LATEST, checkpoint.FINAL,
              checkpoint.FINAL_SAFETENSORS)
 

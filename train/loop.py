@@ -151,7 +151,8 @@ class Run:
         self.num_params = sum(p.numel() for p in model.parameters())
         torch.manual_seed(cfg.seed + self.env.rank)
         self.bf16 = precision.resolve(cfg.precision, self.env.device) == torch.bfloat16
-        self.model = distributed.prepare_model(model, self.env, compile_blocks=cfg.compile, bf16=self.bf16)
+        self.model = distributed.prepare_model(model, self.env, compile_blocks=cfg.compile, bf16=self.bf16,
+                                                  compile_backend=cfg.compile_backend)
 
     def load_finetune_weights(self, model, path: str) -> None:
         state = stvit.checkpoint.filter_for(model, stvit.read_checkpoint(path))
