@@ -1,0 +1,79 @@
+"""Where a model's compiled inference time goes, piece by piece: stem, each stage, head.
+
+Each piece is compiled on its own as ``stvit.optimize`` compiles a whole model (eval, BatchNorm
+folded where the family folds it, channels-last, weight freezing, bf16 autocast unless --fp32), and
+the pieces of every model are timed in the same interleaved rounds. Pieces compiled apart lose the
+fusions across their borders, so the totals run a little below ``bench throughput``'s img/s; the
+comparison is between the pieces (issue #19, bench/RESULTS.md).
+
+    PYTHONPATH=tests/site python scripts/piece_times.py --models stvit_small timm:convnext_tiny \
+        timm:swin_tiny_patch4_window7_224
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch._inductor import config as inductor_config
+
+import stvit
+
+
+def pieces(name: str) -> list[tuple[str, nn.Module]]:
+    if name.startswith("timm:"):
+        import timm
+        m = timm.create_model(name[5:]).eval()
+        stem = m.stem if hasattr(m, "stem") else m.patch_embed
+        stages = m.stages if hasattr(m, "stages") else m.layers
+        head = m.head
+    else:
+        m = stvit.create_model(name).eval()
+        m.prepare_inference()
+        stem, stages, head = m.patch_embed, m.layers, nn.Sequential(m.proj, m.norm, m.act)
+    m.requires_grad_(False).to(memory_format=torch.channels_last)
+    return [("stem", stem)] + [(f"stage {i + 1}", s) for i, s in enumerate(stages)] + [("head", head)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["stvit_small", "timm:convnext_tiny"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--fp32", action="store_true", help="float32 instead of bf16 autocast")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    amp = torch.autocast("cpu", torch.bfloat16, enabled=not args.fp32)
+    steps = {}
+    with torch.no_grad(), amp, inductor_config.patch(freezing=True):
+        for name in args.models:
+            x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+            steps[name] = []
+            for piece, module in pieces(name):
+                compiled = torch.compile(module, dynamic=False)
+                compiled(x)  # compile, then warm up
+                y = compiled(x)
+                steps[name].append((piece, compiled, x))
+                x = y
+        times = {name: {piece: [] for piece, _, _ in s} for name, s in steps.items()}
+        for _ in range(args.rounds):
+            for name, s in steps.items():
+                for piece, compiled, x in s:
+                    t = time.perf_counter()
+                    compiled(x)
+                    compiled(x)
+                    times[name][piece].append((time.perf_counter() - t) / 2 * 1e3)
+    for name, per_piece in times.items():
+        total = 0.0
+        for piece, ts in per_piece.items():
+            total += statistics.median(ts)
+            print(f"{name:36s} {piece:8s} {statistics.median(ts):8.2f} ms  (fastest {min(ts):.2f})")
+        print(f"{name:36s} {'total':8s} {total:8.2f} ms  = {args.batch / total * 1e3:.1f} img/s")
+
+
+if __name__ == "__main__":
+    main()
