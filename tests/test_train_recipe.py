@@ -103,6 +103,7 @@ def test_weight_decay_skips_norms_biases_and_layer_scale():
     (["--checkpoint", "x.pt"], "--checkpoint is for --eval"),
     (["--accum-steps", "0"], "--accum-steps must be >= 1"),
     (["--fault", "boom"], "--fault must be"),
+    (["--compile-backend", "aot_eager"], "--compile-backend aot_eager chooses how --compile compiles: add --compile"),
 ])
 def test_bad_options_are_config_errors(argv, message):
     with pytest.raises(ConfigError, match=message):

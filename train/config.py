@@ -488,6 +488,8 @@ def validate(cfg: TrainConfig) -> None:
          "--checkpoint is for --eval; to train from weights use --finetune FILE, to continue a run --resume DIR")
     need(not (cfg.finetune and cfg.resume),
          "--finetune starts a new run from weights, --resume continues a run: give only one")
+    need(cfg.compile or cfg.compile_backend == "inductor",
+         f"--compile-backend {cfg.compile_backend} chooses how --compile compiles: add --compile")
     if cfg.task == "segment":
         need(cfg.head in ("upernet", "segformer"), f"--head must be upernet or segformer, got {cfg.head!r}")
         need(cfg.iters is not None and cfg.iters >= 1, f"--iters must be >= 1, got {cfg.iters}")
