@@ -30,9 +30,10 @@ import stvit
 from stvit.files import atomic_path
 
 from .common import BenchError, format_table, machine_info, pick_device, write_json
-from .throughput import build_step
+from .throughput import build_step, process_group
 
-PROFILE_MODES = ("eager", "eager-amp", "optimized", "compiled", "compiled-bf16", "train", "train-compiled")
+PROFILE_MODES = ("eager", "eager-amp", "optimized", "compiled", "compiled-bf16", "train", "train-compiled",
+                 "train-bf16")
 CATEGORIES = ("attention", "conv", "norm", "rest")
 LABELS = {"stvit::attention": "attention", "stvit::conv": "conv", "stvit::norm": "norm"}
 
@@ -126,6 +127,11 @@ def copy_latest_trace(tb_dir: Path, dest: Path, newer_than: float) -> Path:
 
 def run(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
+    with process_group(device, args.mode == "train-bf16") as env:  # train-bf16 shards in one (FSDP2)
+        return profile_mode(args, device, env)
+
+
+def profile_mode(args: argparse.Namespace, device: torch.device, env) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -133,8 +139,8 @@ def run(args: argparse.Namespace) -> dict:
     size = args.size or model.pretrained_cfg["input_size"][-1]
     x = torch.randn(args.batch, model.in_chans, size, size, device=device)
     model.check_input(x)
-    compiled = "compiled" in args.mode
-    step = build_step(args.mode, model, None, x, device)
+    compiled = "compiled" in args.mode or args.mode == "train-bf16"  # train-bf16 compiles its blocks
+    step = build_step(args.mode, model, None, x, device, env)
     if not compiled:
         handles = label_modules(step.model)  # the module that runs (train modes run a copy)
     step()  # untimed: compilation, allocator warm-up

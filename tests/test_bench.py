@@ -230,6 +230,26 @@ def test_profile_writes_loadable_traces(tmp_path):
     assert result["top_ops"] and all(not op["name"].startswith("stvit::") for op in result["top_ops"])
 
 
+@needs_cpu_fsdp2
+def test_profile_runs_train_bf16_in_its_one_process_group(tmp_path, monkeypatch):
+    """``--mode train-bf16`` profiles what ``train --precision bf16`` runs (FSDP2 on a one-process
+    group, blocks compiled), and ends the group it started. Backend eager: the wiring is tested here,
+    inductor's kernels elsewhere."""
+    import torch.distributed as dist
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, **{**kw, "backend": "eager"}))
+    summary = tmp_path / "profile.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", precision.EmulatedBF16Warning)
+        cli.main(["profile", "--default-allocator", "--device", "cpu", "--model", "tiny", "--size", "32",
+                  "--batch", "2", "--steps", "1", "--mode", "train-bf16", "--out", str(tmp_path / "prof"),
+                  "--json", str(summary)])
+    result = json.loads(summary.read_text())
+    assert result["mode"] == "train-bf16" and result["top_ops"]
+    assert any("Backward" in op["name"] or "backward" in op["name"] for op in result["top_ops"])
+    assert not dist.is_initialized()
+
+
 def test_bad_arguments_exit_with_a_message():
     with pytest.raises(SystemExit, match="unknown model"):
         cli.main(["flops", "--default-allocator", "--models", "huge"])
