@@ -30,7 +30,7 @@ import stvit
 from stvit.files import atomic_path
 
 from .common import BenchError, format_table, machine_info, pick_device, write_json
-from .throughput import build_step, process_group
+from .throughput import COMPILING_MODES, build_step, process_group
 
 PROFILE_MODES = ("eager", "eager-amp", "optimized", "compiled", "compiled-bf16", "train", "train-compiled",
                  "train-bf16")
@@ -139,7 +139,7 @@ def profile_mode(args: argparse.Namespace, device: torch.device, env) -> dict:
     size = args.size or model.pretrained_cfg["input_size"][-1]
     x = torch.randn(args.batch, model.in_chans, size, size, device=device)
     model.check_input(x)
-    compiled = "compiled" in args.mode or args.mode == "train-bf16"  # train-bf16 compiles its blocks
+    compiled = args.mode in COMPILING_MODES
     step = build_step(args.mode, model, None, x, device, env)
     if not compiled:
         handles = label_modules(step.model)  # the module that runs (train modes run a copy)
