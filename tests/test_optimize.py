@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import stvit
 from stvit import compat, precision
@@ -199,25 +200,52 @@ def test_compiled_bf16_matches_eager_fp32(device):
     check_compiled_per_shape(model, fast, device, BF16_TOL, shapes=TWO_SHAPES[:1] * 2)
 
 
+class ConvBackwardLayouts(TorchDispatchMode):
+    """Records the layout of the output gradient and the input of every ``convolution_backward`` run
+    (a compiled graph calls it from its wrapper, through the dispatcher)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layouts: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.layouts += ["channels-last" if t.is_contiguous(memory_format=torch.channels_last) else
+                             "contiguous" if t.is_contiguous() else f"other {t.stride()}" for t in args[:2]]
+        return func(*args, **(kwargs or {}))
+
+
 def test_compiled_block_trains_like_the_eager_block(device):
-    """``block.compile()`` (as ``train --compile`` does): no graph breaks, same outputs and gradients."""
+    """A block compiled as ``train --compile`` compiles it: no graph breaks, same outputs and gradients,
+    and its backward convolutions get maps in one of the two layouts oneDNN runs fast (torch 2.13's
+    inductor would lay a depthwise conv's maps out in a third order and copy them into it; stvit/compat.py)."""
+    from train.distributed import compile_block
+
     torch._dynamo.reset()
     model = micro_model(device).train()
     block = model.layers[0].blocks[0]  # a super token attention block (2×2 cells)
-    x = torch.randn(2, 8, 11, 9, device=device)  # odd sides: the padded-grid path
+    # Odd sides: the padded-grid path; channels-last, as the model hands maps to its blocks.
+    x = torch.randn(2, 8, 11, 9, device=device).contiguous(memory_format=torch.channels_last)
     explanation = torch._dynamo.explain(block)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     eager = copy.deepcopy(block)
-    block.compile()
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out, ref = block(xa), eager(xb)
-    assert_close_to(out, ref, FP32_TOL)
-    weights = torch.randn_like(ref)
-    (out * weights).sum().backward()
-    (ref * weights).sum().backward()
-    assert_close_to(xa.grad, xb.grad, FP32_TOL)
-    for p, q in zip(block.parameters(), eager.parameters()):
-        assert_close_to(p.grad, q.grad, FP32_TOL)
+    compile_block(block)
+    for step in range(2):  # the second step runs the graphs the first compiled
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, ref = block(xa), eager(xb)
+        assert_close_to(out, ref, FP32_TOL)
+        weights = torch.randn_like(ref)
+        block.zero_grad(), eager.zero_grad()
+        with ConvBackwardLayouts() as compiled_layouts:
+            (out * weights).sum().backward()
+        with ConvBackwardLayouts() as eager_layouts:
+            (ref * weights).sum().backward()
+        assert_close_to(xa.grad, xb.grad, FP32_TOL)
+        for p, q in zip(block.parameters(), eager.parameters()):
+            assert_close_to(p.grad, q.grad, FP32_TOL)
+    assert len(compiled_layouts.layouts) == len(eager_layouts.layouts) > 0
+    assert all(layout in ("channels-last", "contiguous") for layout in compiled_layouts.layouts), \
+        compiled_layouts.layouts
 
 
 def test_train_compile_keeps_every_block_shape_compiled():

@@ -155,6 +155,16 @@ def world_size_hint() -> int:
 COMPILED_GRAPHS_PER_BLOCK = 64
 
 
+def compile_block(block: nn.Module, backend: str = "inductor") -> None:
+    """Compile one block as ``train --compile`` does, in place (``nn.Module.compile``).
+
+    Static shapes: one graph per input shape (training batch, evaluation batch, last partial batch);
+    dynamic-shape graphs of STViT's super-token padding arithmetic fail in inductor (torch 2.13). The
+    options keep the backward's convolutions channels-last where this torch would not (stvit/compat.py).
+    """
+    block.compile(dynamic=False, backend=backend, options=compat.training_compile_options(backend))
+
+
 def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False, bf16: bool = False,
                   compile_backend: str = "inductor") -> nn.Module:
     """Move to the device, optionally compile each block, then FSDP2-shard each block and the root.
@@ -177,9 +187,7 @@ def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False, 
         # shape (training batch, evaluation batch, last partial batch) × train/eval mode is a graph.
         compat.raise_recompile_limit(COMPILED_GRAPHS_PER_BLOCK)
         for block in blocks_of(model):  # the model contract names its blocks
-            # Static shapes: one graph per input shape (training batch, evaluation batch, last partial
-            # batch). Dynamic-shape graphs of STViT's super-token padding arithmetic fail in inductor (torch 2.13).
-            block.compile(dynamic=False, backend=compile_backend)
+            compile_block(block, compile_backend)
     if not env.use_fsdp:
         if bf16:
             raise ConfigError("--precision bf16: mixed precision comes from FSDP2, which a single CPU process "

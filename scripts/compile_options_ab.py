@@ -1,0 +1,113 @@
+"""The trainer's compile options, on and off, in one process (issue #19, bench/RESULTS.md).
+
+Times ``bench throughput``'s ``train-compiled`` step (every block compiled by
+``train.distributed.compile_block``, one process) with ``stvit.compat.training_compile_options`` as
+it is and with no options (torch's defaults); with ``--blocks``, instead, one block per stage
+(the first block of each input shape), forward + backward, eager and compiled both ways. Every model ×
+variant is timed in the same interleaved rounds.
+
+    PYTHONPATH=tests/site python scripts/compile_options_ab.py --models stvit_small timm:convnext_tiny \
+        timm:swin_tiny_patch4_window7_224
+    python scripts/compile_options_ab.py --models stvit_small --blocks
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from bench.common import create_model, tune_cpu_allocator
+from bench.throughput import train_step
+from stvit import compat
+from stvit.contract import blocks_of
+from train import distributed
+
+OURS = compat.training_compile_options
+VARIANTS = {"options": OURS, "torch defaults": lambda backend: None}
+
+
+def compiled(module: nn.Module, variant: str) -> nn.Module:
+    compat.training_compile_options = VARIANTS[variant]  # what compile_block reads
+    try:
+        distributed.compile_block(module)
+    finally:
+        compat.training_compile_options = OURS
+    return module
+
+
+def step_cases(name: str, batch: int) -> list[tuple[str, Callable]]:
+    cases = []
+    for variant in VARIANTS:
+        model = create_model(name)[1].train()  # seeded: the same weights for both variants
+        for block in blocks_of(model):
+            compiled(block, variant)
+        cases.append((variant, train_step(model, torch.randn(batch, 3, 224, 224), nullcontext())))
+    return cases
+
+
+def block_cases(name: str, batch: int) -> list[tuple[str, Callable]]:
+    model = create_model(name)[1].train()
+    inputs: dict[int, torch.Tensor] = {}
+    blocks = blocks_of(model)
+    hooks = [b.register_forward_hook(lambda m, args, out, k=k: inputs.setdefault(k, args[0].detach()))
+             for k, b in enumerate(blocks)]
+    with torch.no_grad():
+        model(torch.randn(batch, 3, 224, 224))
+    for hook in hooks:
+        hook.remove()
+    cases, shapes = [], set()
+    for k, x in inputs.items():
+        if x.shape in shapes:
+            continue
+        shapes.add(x.shape)
+        x = x.clone().requires_grad_()
+        grad = torch.randn_like(x)
+        for variant in ("eager", *VARIANTS):
+            block = copy.deepcopy(blocks[k])
+            if variant != "eager":
+                compiled(block, variant)
+            cases.append((f"block {k} {tuple(x.shape)} {variant}",
+                          lambda block=block, x=x, grad=grad: block(x).backward(grad)))
+    return cases
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["stvit_small", "timm:convnext_tiny"])
+    p.add_argument("--blocks", action="store_true", help="time one block per stage instead of the whole step")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=7)
+    args = p.parse_args()
+    tune_cpu_allocator()  # as bench throughput does
+    torch.set_num_threads(args.threads)
+    compat.raise_recompile_limit(256)  # every model × variant is its own graph of shared block code
+    cases = []
+    for name in args.models:
+        for label, run in (block_cases if args.blocks else step_cases)(name, args.batch):
+            run(), run()  # compiles forward and backward, then warms up
+            cases.append((name, label, run))
+    times = {(name, label): [] for name, label, _ in cases}
+    for _ in range(args.rounds):
+        for name, label, run in cases:
+            t = time.perf_counter()
+            run()
+            times[(name, label)].append(time.perf_counter() - t)
+    for (name, label), ts in times.items():
+        if args.blocks:
+            print(f"{name:36s} {label:44s} {statistics.median(ts) * 1e3:7.2f} ms "
+                  f"({min(ts) * 1e3:.2f}-{max(ts) * 1e3:.2f})")
+        else:
+            print(f"{name:36s} {label:15s} {args.batch / statistics.median(ts):6.2f} img/s "
+                  f"({args.batch / max(ts):.2f}-{args.batch / min(ts):.2f})")
+
+
+if __name__ == "__main__":
+    main()
