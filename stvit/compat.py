@@ -113,16 +113,16 @@ def export_problem() -> str | None:
 
 
 # torch.compile of a training graph: the backward's convolutions. From the release that brought
-# inductor a lowering of its own for ``convolution_backward`` (pytorch/pytorch#178945, in torch 2.13),
+# inductor a lowering of its own for ``convolution_backward`` (pytorch/pytorch#178945; 2.13 has it),
 # a backward graph — which holds ``convolution_backward`` but no forward ``convolution`` — is not
 # given inductor's channels-last layout optimisation (its test counts forward convolutions only;
 # pytorch/pytorch#188236 and #191306 propose counting the backward ones). The lowering then lays the
 # convolution's input and output gradient out in the stride order of the *weight* gradient: for a
 # depthwise 3×3 weight (C, 1, 3, 3) that is (N, H, C, W) order, neither channels-last nor contiguous.
-# Both are copied into it and oneDNN's kernel runs slower on it: STViT-S's blocks, forward + backward,
-# took 12–20 % longer compiled than with the layout optimisation forced (bench/RESULTS.md). Forcing it
-# is what the CPU forward graphs get anyway; the block gradients then come out channels-last, as
-# eagerly on these channels-last models.
+# Both are copied into it and oneDNN's kernel runs slower on it: STViT-S's stage 1–2 blocks, forward +
+# backward, took 13–25 % longer compiled than with the layout optimisation forced (bench/RESULTS.md).
+# Forcing it is what the CPU forward graphs get anyway; the block gradients then come out
+# channels-last, as eagerly on these channels-last models.
 def _backward_conv_loses_layout() -> bool:
     try:
         from torch._inductor.kernel import conv

@@ -230,12 +230,13 @@ def test_compiled_block_trains_like_the_eager_block(device):
     assert explanation.graph_break_count == 0, explanation.break_reasons
     eager = copy.deepcopy(block)
     compile_block(block)
-    for step in range(2):  # the second step runs the graphs the first compiled
+    for _ in range(2):  # the second step runs the graphs the first compiled
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         out, ref = block(xa), eager(xb)
         assert_close_to(out, ref, FP32_TOL)
         weights = torch.randn_like(ref)
-        block.zero_grad(), eager.zero_grad()
+        block.zero_grad()
+        eager.zero_grad()
         with ConvBackwardLayouts() as compiled_layouts:
             (out * weights).sum().backward()
         with ConvBackwardLayouts() as eager_layouts:
