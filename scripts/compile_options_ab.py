@@ -53,11 +53,17 @@ def step_cases(name: str, batch: int) -> list[tuple[str, Callable]]:
 
 
 def block_cases(name: str, batch: int) -> list[tuple[str, Callable]]:
+    """Blocks called with one map and returning one (STViT's, ConvNeXt's, Swin's)."""
     model = create_model(name)[1].train()
     inputs: dict[int, torch.Tensor] = {}
     blocks = blocks_of(model)
-    hooks = [b.register_forward_hook(lambda m, args, out, k=k: inputs.setdefault(k, args[0].detach()))
-             for k, b in enumerate(blocks)]
+
+    def keep(k: int, args: tuple) -> None:  # returns nothing, so the block's output stays as it is
+        if len(args) != 1:
+            raise SystemExit(f"{name}: its blocks take {len(args)} arguments; --blocks times one-map blocks")
+        inputs.setdefault(k, args[0].detach())
+
+    hooks = [b.register_forward_hook(lambda m, args, out, k=k: keep(k, args)) for k, b in enumerate(blocks)]
     with torch.no_grad():
         model(torch.randn(batch, 3, 224, 224))
     for hook in hooks:

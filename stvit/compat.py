@@ -120,7 +120,7 @@ def export_problem() -> str | None:
 # convolution's input and output gradient out in the stride order of the *weight* gradient: for a
 # depthwise 3×3 weight (C, 1, 3, 3) that is (N, H, C, W) order, neither channels-last nor contiguous.
 # Both are copied into it and oneDNN's kernel runs slower on it: STViT-S's stage 1–2 blocks, forward +
-# backward, took 13–25 % longer compiled than with the layout optimisation forced (bench/RESULTS.md).
+# backward, took 16–26 % longer compiled than with the layout optimisation forced (bench/RESULTS.md).
 # Forcing it is what the CPU forward graphs get anyway; the block gradients then come out
 # channels-last, as eagerly on these channels-last models.
 def _backward_conv_loses_layout() -> bool:
