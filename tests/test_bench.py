@@ -236,8 +236,10 @@ def test_profile_runs_train_bf16_in_its_one_process_group(tmp_path, monkeypatch)
     group, blocks compiled), and ends the group it started. Backend eager: the wiring is tested here,
     inductor's kernels elsewhere."""
     import torch.distributed as dist
-    compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, **{**kw, "backend": "eager"}))
+
+    from train import distributed
+    compile_block = distributed.compile_block  # where prepare_model compiles each block
+    monkeypatch.setattr(distributed, "compile_block", lambda block, backend="inductor": compile_block(block, "eager"))
     summary = tmp_path / "profile.json"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", precision.EmulatedBF16Warning)
