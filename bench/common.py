@@ -155,14 +155,25 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
     for _ in range(warmup):
         fn()
     synchronize(device)
-    samples: list[float] = []
+    return time_interleaved([fn], device, runs=runs, min_time_s=min_time_s)[0]
+
+
+def time_interleaved(fns: Sequence[Callable[[], object]], device: torch.device, *, runs: int = 5,
+                     min_time_s: float = 0.0, each_round: Callable[[int, float], None] | None = None) -> list[Timing]:
+    """Time ``fns`` in turns, one call of each per round, for ``runs`` rounds (at least ``min_time_s``
+    in total), so that a change in the machine's load hits all of them alike (warm-up is the caller's).
+    ``each_round(rounds done, seconds so far)`` is called after every round."""
+    samples: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
-    while len(samples) < runs or time.perf_counter() - start < min_time_s:
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        samples.append(time.perf_counter() - t0)
-    return summarize(samples)
+    while len(samples[-1]) < runs or time.perf_counter() - start < min_time_s:
+        for fn, times in zip(fns, samples):
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        if each_round is not None:
+            each_round(len(samples[-1]), time.perf_counter() - start)
+    return [summarize(times) for times in samples]
 
 
 def summarize(samples: Sequence[float]) -> Timing:

@@ -77,7 +77,8 @@ from train import distributed
 
 from .authors import authors_config, has_authors_twin, load_authors_twin
 from .common import (MEMORY_METHOD, BenchError, create_model, format_table, input_shape, machine_info,
-                     matmul_peak_flops, mib, peak_memory, pick_device, progress, summarize, synchronize, write_json)
+                     matmul_peak_flops, mib, peak_memory, pick_device, progress, synchronize, time_interleaved,
+                     write_json)
 
 MODES = ("eager", "eager-amp", "optimized", "compiled", "compiled-bf16", "train", "train-compiled", "train-bf16",
          "onnx", "authors", "authors-amp", "authors-train", "authors-train-amp")
@@ -278,23 +279,16 @@ def measure(cases: list[dict], device: torch.device, args: argparse.Namespace) -
         synchronize(device)
         warmup_s.append(time.perf_counter() - t0)
         progress(f"{_label(case)}: {what} done in {warmup_s[-1]:.1f} s")
-    samples: list[list[float]] = [[] for _ in cases]
-    start = time.perf_counter()
     progress(f"timing {len(cases)} cases in interleaved rounds (at least {args.runs}"
              + (f", and {args.min_time:g} s" if args.min_time else "") + ") ...")
-    while len(samples[-1]) < args.runs or time.perf_counter() - start < args.min_time:
-        for case, times in zip(cases, samples):
-            t0 = time.perf_counter()
-            case["step"]()
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
-        progress(f"round {len(samples[-1])} timed ({time.perf_counter() - start:.1f} s so far)")
+    timings = time_interleaved([case["step"] for case in cases], device, runs=args.runs, min_time_s=args.min_time,
+                               each_round=lambda done, s: progress(f"round {done} timed ({s:.1f} s so far)"))
     progress(f"measuring the peak memory of {len(cases)} cases ...")
     results = []
-    for case, times, warm in zip(cases, samples, warmup_s):
+    for case, timing, warm in zip(cases, timings, warmup_s):
         with peak_memory(device) as mem:
             case["step"]()
-        timing, batch = summarize(times), case["batch"]
+        batch = case["batch"]
         peak = None if case["mode"] in OUTSIDE_TORCH_MODES else mib(mem["peak_bytes"])
         results.append(dict(img_per_s=batch / timing.median_s, img_per_s_min=batch / timing.max_s,
                             img_per_s_max=batch / timing.min_s, median_ms=timing.median_s * 1e3,

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 from torch import nn
 
-from bench.common import create_model, tune_cpu_allocator
+from bench.common import create_model, time_interleaved, tune_cpu_allocator
 from bench.throughput import train_step
 from stvit import compat
 from stvit.contract import blocks_of
@@ -100,20 +98,13 @@ def main() -> None:
         for label, run in (block_cases if args.blocks else step_cases)(name, args.batch):
             run(), run()  # compiles forward and backward, then warms up
             cases.append((name, label, run))
-    times = {(name, label): [] for name, label, _ in cases}
-    for _ in range(args.rounds):
-        for name, label, run in cases:
-            t = time.perf_counter()
-            run()
-            times[(name, label)].append(time.perf_counter() - t)
-    for (name, label), ts in times.items():
+    timings = time_interleaved([run for _, _, run in cases], torch.device("cpu"), runs=args.rounds)
+    for (name, label, _), t in zip(cases, timings):
         if args.blocks:
-            print(f"{name:36s} {label:44s} {statistics.median(ts) * 1e3:7.2f} ms "
-                  f"({min(ts) * 1e3:.2f}-{max(ts) * 1e3:.2f})")
+            print(f"{name:36s} {label:44s} {t.median_s * 1e3:7.2f} ms ({t.min_s * 1e3:.2f}-{t.max_s * 1e3:.2f})")
         else:
-            print(f"{name:36s} {label:15s} {args.batch / statistics.median(ts):6.2f} img/s "
-                  f"({args.batch / max(ts):.2f}-{args.batch / min(ts):.2f})")
-
+            print(f"{name:36s} {label:15s} {args.batch / t.median_s:6.2f} img/s "
+                  f"({args.batch / t.max_s:.2f}-{args.batch / t.min_s:.2f})")
 
 if __name__ == "__main__":
     main()

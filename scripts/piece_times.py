@@ -13,14 +13,13 @@ comparison is between the pieces (issue #19, bench/RESULTS.md).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from torch import nn
 from torch._inductor import config as inductor_config
 
 import stvit
+from bench.common import time_interleaved
 
 
 def pieces(name: str) -> list[tuple[str, nn.Module]]:
@@ -48,30 +47,24 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     amp = torch.autocast("cpu", torch.bfloat16, enabled=not args.fp32)
-    steps = {}
+    cases = []  # (model, piece, compiled piece, its input)
     with torch.no_grad(), amp, inductor_config.patch(freezing=True):
         for name in args.models:
             x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-            steps[name] = []
             for piece, module in pieces(name):
                 compiled = torch.compile(module, dynamic=False)
                 compiled(x)  # compile, then warm up
                 y = compiled(x)
-                steps[name].append((piece, compiled, x))
+                cases.append((name, piece, compiled, x))
                 x = y
-        times = {name: {piece: [] for piece, _, _ in s} for name, s in steps.items()}
-        for _ in range(args.rounds):
-            for name, s in steps.items():
-                for piece, compiled, x in s:
-                    t = time.perf_counter()
-                    compiled(x)
-                    compiled(x)
-                    times[name][piece].append((time.perf_counter() - t) / 2 * 1e3)
-    for name, per_piece in times.items():
+        timings = time_interleaved([lambda c=compiled, x=x: c(x) for _, _, compiled, x in cases],
+                                   torch.device("cpu"), runs=args.rounds)
+    for name in args.models:
         total = 0.0
-        for piece, ts in per_piece.items():
-            total += statistics.median(ts)
-            print(f"{name:36s} {piece:8s} {statistics.median(ts):8.2f} ms  (fastest {min(ts):.2f})")
+        for (model, piece, _, _), t in zip(cases, timings):
+            if model == name:
+                total += t.median_s * 1e3
+                print(f"{name:36s} {piece:8s} {t.median_s * 1e3:8.2f} ms  (fastest {t.min_s * 1e3:.2f})")
         print(f"{name:36s} {'total':8s} {total:8.2f} ms  = {args.batch / total * 1e3:.1f} img/s")
 
 

@@ -16,7 +16,7 @@ import stvit
 from stvit.models.stvit import STVIT_CONFIGS
 from bench import __main__ as cli
 from bench.authors import AuthorsCodeError, check_same_output, import_authors_module, load_authors_twin
-from bench.common import BenchError, format_table, peak_memory, summarize, write_json
+from bench.common import BenchError, format_table, peak_memory, summarize, time_interleaved, write_json
 from bench.throughput import onnx_step
 from bench.plot import Panel, Series, save_loglog
 from conftest import needs_cpu_fsdp2, needs_export
@@ -265,6 +265,14 @@ def test_timing_summary_and_table():
     assert t.iqr_s > 0
     table = format_table([dict(a="x", b=1.5), dict(a="yy", b=None)], [("a", "A"), ("b", "B")])
     assert table.splitlines()[0].split() == ["A", "B"] and "—" in table
+
+
+def test_timing_interleaves_the_cases_round_by_round():
+    calls, rounds = [], []
+    timings = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], torch.device("cpu"), runs=3,
+                               each_round=lambda done, seconds: rounds.append(done))
+    assert calls == ["a", "b"] * 3 and rounds == [1, 2, 3]
+    assert [t.runs for t in timings] == [3, 3]
 
 
 def test_cpu_peak_memory_sees_allocations():
