@@ -12,7 +12,9 @@ says ``Attention``, in every family), convolutions and norms in ``record_functio
 (``stvit::attention`` / ``stvit::conv`` / ``stvit::norm``), so every operator is attributed to the
 module it ran in (convolutions inside an attention count as attention).
 Backward operators and compiled (fused) kernels carry no labels and are classified by name, which
-is approximate: a fused kernel may mix categories.
+is approximate: a fused kernel may mix categories. On a CPU the compiled modes generate their kernels
+with inductor's kernel profiling on, so each fused kernel is an event of its own (its name lists the
+operators it fused) rather than part of one ``Call CompiledFxGraph``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -125,10 +128,21 @@ def copy_latest_trace(tb_dir: Path, dest: Path, newer_than: float) -> Path:
     return dest
 
 
+def inductor_kernel_names(device: torch.device):
+    """While compiling for a CPU: inductor's C++ kernels record themselves in the profile by name.
+    It changes the generated code, so it must be on when the code is generated, not only when run.
+    (GPU kernels are named in the profile already.)"""
+    if device.type != "cpu":
+        return nullcontext()
+    from torch._inductor import config
+    return config.patch({"cpp.enable_kernel_profile": True})
+
+
 def run(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     with process_group(device, args.mode == "train-bf16") as env:  # train-bf16 shards in one (FSDP2)
-        return profile_mode(args, device, env)
+        with inductor_kernel_names(device) if args.mode in COMPILING_MODES else nullcontext():
+            return profile_mode(args, device, env)
 
 
 def profile_mode(args: argparse.Namespace, device: torch.device, env) -> dict:

@@ -230,6 +230,21 @@ def test_profile_writes_loadable_traces(tmp_path):
     assert result["top_ops"] and all(not op["name"].startswith("stvit::") for op in result["top_ops"])
 
 
+def test_profile_names_the_compiled_cpu_kernels():
+    """Compiled modes on a CPU profile each generated kernel by name, not one opaque graph call."""
+    from torch.profiler import profile
+
+    from bench.profile import inductor_kernel_names
+    fn = torch.compile(lambda x: (x.sin() * 2).softmax(-1), backend="inductor", dynamic=False)
+    x = torch.randn(4, 24)
+    with inductor_kernel_names(torch.device("cpu")):
+        expected = fn(x)  # compiles
+        with profile() as prof:
+            assert torch.equal(fn(x), expected)
+    names = [e.key for e in prof.key_averages()]
+    assert any("cpp_fused" in n and "softmax" in n for n in names), names
+
+
 @needs_cpu_fsdp2
 def test_profile_runs_train_bf16_in_its_one_process_group(tmp_path, monkeypatch):
     """``--mode train-bf16`` profiles what ``train --precision bf16`` runs (FSDP2 on a one-process
