@@ -1,31 +1,37 @@
-"""The trainer's compile options, on and off, in one process (issue #19, bench/RESULTS.md).
+"""The project's inductor options, on and off, in one process (issue #19, bench/RESULTS.md).
 
 Times ``bench throughput``'s ``train-compiled`` step (every block compiled by
 ``train.distributed.compile_block``, one process) with ``stvit.compat.training_compile_options`` as
 it is and with no options (torch's defaults); with ``--blocks``, instead, one block per stage
-(the first block of each input shape), forward + backward, eager and compiled both ways. Every model ×
-variant is timed in the same interleaved rounds.
+(the first block of each input shape), forward + backward, eager and compiled both ways; with
+``--inference fp32|bf16``, ``stvit.optimize``'s model on a CPU with ``CPU_INFERENCE_OPTIONS`` as they
+are and without the C++ wrapper. Every model × variant is timed in the same interleaved rounds.
 
     PYTHONPATH=tests/site python scripts/compile_options_ab.py --models stvit_small timm:convnext_tiny \
         timm:swin_tiny_patch4_window7_224
     python scripts/compile_options_ab.py --models stvit_small --blocks
+    python scripts/compile_options_ab.py --models stvit_small --inference bf16 --batch 1
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 from torch import nn
 
+import stvit
 from bench.common import create_model, time_interleaved, tune_cpu_allocator
 from bench.throughput import train_step
 from stvit import compat
 from stvit.contract import blocks_of
 from train import distributed
+
+optimize_module = importlib.import_module("stvit.optimize")  # the module; stvit.optimize is the function
 
 OURS = compat.training_compile_options
 VARIANTS = {"options": OURS, "torch defaults": lambda backend: None}
@@ -82,10 +88,28 @@ def block_cases(name: str, batch: int) -> list[tuple[str, Callable]]:
     return cases
 
 
+def inference_cases(name: str, batch: int, dtype: str) -> list[tuple[str, Callable]]:
+    model = create_model(name)[1].eval()
+    x = torch.randn(batch, 3, 224, 224)
+    ours = optimize_module.CPU_INFERENCE_OPTIONS
+    cases = []
+    for variant, options in (("options", ours), ("python wrapper", {**ours, "cpp_wrapper": False})):
+        fast = stvit.optimize(model, dtype)
+        optimize_module.CPU_INFERENCE_OPTIONS = options  # what the first call compiles with
+        try:
+            fast(x)
+        finally:
+            optimize_module.CPU_INFERENCE_OPTIONS = ours
+        cases.append((f"{variant} {dtype}", lambda fast=fast: fast(x)))
+    return cases
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["stvit_small", "timm:convnext_tiny"])
     p.add_argument("--blocks", action="store_true", help="time one block per stage instead of the whole step")
+    p.add_argument("--inference", choices=("fp32", "bf16"),
+                   help="time stvit.optimize's inference model (this precision) instead of training")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
@@ -95,7 +119,11 @@ def main() -> None:
     compat.raise_recompile_limit(256)  # every model × variant is its own graph of shared block code
     cases = []
     for name in args.models:
-        for label, run in (block_cases if args.blocks else step_cases)(name, args.batch):
+        if args.inference:
+            named = inference_cases(name, args.batch, args.inference)
+        else:
+            named = (block_cases if args.blocks else step_cases)(name, args.batch)
+        for label, run in named:
             run(), run()  # compiles forward and backward, then warms up
             cases.append((name, label, run))
     timings = time_interleaved([run for _, _, run in cases], torch.device("cpu"), runs=args.rounds)
@@ -103,8 +131,8 @@ def main() -> None:
         if args.blocks:
             print(f"{name:36s} {label:44s} {t.median_s * 1e3:7.2f} ms ({t.min_s * 1e3:.2f}-{t.max_s * 1e3:.2f})")
         else:
-            print(f"{name:36s} {label:15s} {args.batch / t.median_s:6.2f} img/s "
-                  f"({args.batch / t.max_s:.2f}-{args.batch / t.min_s:.2f})")
+            print(f"{name:36s} {label:20s} {args.batch / t.median_s:6.2f} img/s "
+                  f"({args.batch / t.max_s:.2f}-{args.batch / t.min_s:.2f}), {t.median_s * 1e3:.1f} ms")
 
 if __name__ == "__main__":
     main()

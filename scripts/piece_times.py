@@ -1,10 +1,10 @@
 """Where a model's compiled inference time goes, piece by piece: stem, each stage, head.
 
 Each piece is compiled on its own as ``stvit.optimize`` compiles a whole model (eval, BatchNorm
-folded where the family folds it, channels-last, weight freezing, bf16 autocast unless --fp32), and
-the pieces of every model are timed in the same interleaved rounds. Pieces compiled apart lose the
-fusions across their borders, so the totals run a little below ``bench throughput``'s img/s; the
-comparison is between the pieces (issue #19, bench/RESULTS.md).
+folded where the family folds it, channels-last, ``stvit.optimize.CPU_INFERENCE_OPTIONS``, bf16
+autocast unless --fp32), and the pieces of every model are timed in the same interleaved rounds.
+Pieces compiled apart lose the fusions across their borders, so the totals run a little below
+``bench throughput``'s img/s; the comparison is between the pieces (issue #19, bench/RESULTS.md).
 
     PYTHONPATH=tests/site python scripts/piece_times.py --models stvit_small timm:convnext_tiny \
         timm:swin_tiny_patch4_window7_224
@@ -20,6 +20,7 @@ from torch._inductor import config as inductor_config
 
 import stvit
 from bench.common import time_interleaved
+from stvit.optimize import CPU_INFERENCE_OPTIONS
 
 
 def pieces(name: str) -> list[tuple[str, nn.Module]]:
@@ -48,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     amp = torch.autocast("cpu", torch.bfloat16, enabled=not args.fp32)
     cases = []  # (model, piece, compiled piece, its input)
-    with torch.no_grad(), amp, inductor_config.patch(freezing=True):
+    with torch.no_grad(), amp, inductor_config.patch(CPU_INFERENCE_OPTIONS):
         for name in args.models:
             x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
             for piece, module in pieces(name):

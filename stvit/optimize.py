@@ -65,6 +65,13 @@ def fold_bn_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
 
 # ---- the optimized inference model ---------------------------------------------------------------
 
+# How optimize() has inductor compile for a CPU:
+# - freezing: weights become constants, so inductor prepacks them for oneDNN, fuses bias/GELU/residual
+#   adds into the convolutions and folds the autocast weight casts;
+# - cpp_wrapper: the generated code calls its kernels (about a thousand per STViT-S forward) from C++,
+#   not one Python call each: 2.4 ms of STViT-S's 31 ms at batch 1 in bf16 (bench/RESULTS.md).
+CPU_INFERENCE_OPTIONS = {"freezing": True, "cpp_wrapper": True}
+
 class OptimizedModel(nn.Module):
     """What :func:`optimize` returns: a frozen inference copy of a model, called like the original.
 
@@ -86,10 +93,9 @@ class OptimizedModel(nn.Module):
         # Set past nn.Module's bookkeeping: the compiled wrapper is not a second submodule (it would
         # duplicate every state-dict key); it only wraps self.model.
         object.__setattr__(self, "_run", _compile(model, cuda_graphs) if compiled else model)
-        # Weight freezing (CPU): weights become constants, so inductor prepacks them for oneDNN, fuses
-        # bias/GELU/residual adds into the convolutions and folds the autocast weight casts. It must be
-        # on whenever a call may (re)compile; torch.compile(options=...) does not reach it, so patch.
-        self._freezing = compiled and not cuda_graphs and self.device.type == "cpu"
+        # CPU: inductor's options for inference (CPU_INFERENCE_OPTIONS), on whenever a call may
+        # (re)compile; torch.compile(options=...) does not reach freezing, so patch.
+        self._cpu_inductor = compiled and not cuda_graphs and self.device.type == "cpu"
         super().train(False)
 
     def forward(self, x: torch.Tensor):
@@ -99,10 +105,10 @@ class OptimizedModel(nn.Module):
         with torch.no_grad(), precision.autocast(self.device, self.dtype):
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: earlier outputs are ours
-            if self._freezing:
+            if self._cpu_inductor:
                 from torch._inductor import config as inductor_config  # imported only when compiling
 
-                with inductor_config.patch(freezing=True):
+                with inductor_config.patch(CPU_INFERENCE_OPTIONS):
                     out = self._run(x)
             else:
                 out = self._run(x)
