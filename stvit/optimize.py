@@ -68,9 +68,11 @@ def fold_bn_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
 # How optimize() has inductor compile for a CPU:
 # - freezing: weights become constants, so inductor prepacks them for oneDNN, fuses bias/GELU/residual
 #   adds into the convolutions and folds the autocast weight casts;
-# - cpp_wrapper: the generated code calls its kernels (about a thousand per STViT-S forward) from C++,
-#   not one Python call each: 2.4 ms of STViT-S's 31 ms at batch 1 in bf16 (bench/RESULTS.md).
+# - cpp_wrapper: the generated code calls its kernels (about 260 per STViT-S forward, and as many
+#   buffer allocations) from C++, not from Python: 2.3 ms of STViT-S's 33 ms at batch 1 in bf16
+#   (bench/RESULTS.md).
 CPU_INFERENCE_OPTIONS = {"freezing": True, "cpp_wrapper": True}
+
 
 class OptimizedModel(nn.Module):
     """What :func:`optimize` returns: a frozen inference copy of a model, called like the original.
