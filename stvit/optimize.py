@@ -68,7 +68,7 @@ def fold_bn_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
 # How optimize() has inductor compile for a CPU:
 # - freezing: weights become constants, so inductor prepacks them for oneDNN, fuses bias/GELU/residual
 #   adds into the convolutions and folds the autocast weight casts;
-# - cpp_wrapper: the generated code calls its kernels (about 260 per STViT-S forward, and as many
+# - cpp_wrapper: the generated code calls its kernels (about 260 per STViT-S forward, with some 180
 #   buffer allocations) from C++, not from Python: 2.3 ms of STViT-S's 33 ms at batch 1 in bf16
 #   (bench/RESULTS.md).
 CPU_INFERENCE_OPTIONS = {"freezing": True, "cpp_wrapper": True}
