@@ -1,5 +1,7 @@
 """Hypothesis: the sparse torch super token attention equals the dense NumPy oracle."""
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reference
-from stvit.models.stvit import SuperTokenAttention
+from stvit.models import stvit as stvit_module
+from stvit.models.stvit import SuperTokenAttention, gather_neighbours, scatter_neighbours
 
 FORMS = ("cells", "map")
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -76,6 +79,30 @@ def test_input_gradient_equals_finite_differences_with_fixed_association(device,
         grad[idx] = (loss(x + step) - loss(x - step)) / (2 * eps)
     for form in FORMS:
         np.testing.assert_allclose(grads[form], grad, rtol=1e-5, atol=1e-7, err_msg=f"form={form}")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.sampled_from([1, 5]), st.integers(0, 2**31 - 1))
+def test_neighbour_gather_and_scatter_by_index_equal_the_shifted_views(B, hh, ww, C, seed):
+    """Eagerly on a CPU the neighbours move with one index op each way; compiled, exported, traced
+    or on CUDA with nine shifted views. Both ways give the same gather, the same scatter, the same
+    gradients, and the scatter is the gather's adjoint: <gather(g), s> = <g, scatter(s)>."""
+    rng = np.random.default_rng(seed)
+    grid = torch.from_numpy(rng.standard_normal((B, hh, ww, C))).requires_grad_()
+    slots = torch.from_numpy(rng.standard_normal((B, hh, ww, 9, C))).requires_grad_()
+    weights = [torch.from_numpy(rng.standard_normal(s.shape)) for s in (slots, grid)]
+    results = {}
+    for way, one_op in (("index", True), ("views", False)):
+        with mock.patch.object(stvit_module, "_one_index_op", lambda t, one_op=one_op: one_op):
+            gathered, scattered = gather_neighbours(grid), scatter_neighbours(slots)
+        grid.grad = slots.grad = None
+        ((gathered * weights[0]).sum() + (scattered * weights[1]).sum()).backward()
+        results[way] = (gathered.detach(), scattered.detach(), grid.grad, slots.grad)
+    for name, a, b in zip(("gather", "scatter", "gather's gradient", "scatter's gradient"), *results.values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+    gathered, scattered = results["index"][:2]
+    torch.testing.assert_close((gathered * slots).sum(), (grid * scattered).sum(), rtol=1e-12, atol=1e-12)
+    assert stvit_module._one_index_op(grid)  # what the model itself takes here, eagerly on a CPU
 
 
 def test_oracle_phantom_slots_take_part_in_softmax():
