@@ -8,7 +8,7 @@ eager-amp           the same under bf16 autocast
 optimized           ``stvit.optimize(model, compile=False)``: the family's folding, channels-last
 compiled            ``stvit.optimize(model)``: + ``torch.compile``; on CUDA + CUDA graphs
 compiled-bf16       ``stvit.optimize(model, torch.bfloat16)``: + bf16 autocast
-train               one fp32 training step: forward, cross-entropy, backward, AdamW
+train               one fp32 training step: forward, cross-entropy, backward, AdamW (fused, as train's)
 train-compiled      the same with every block compiled, as ``train --compile`` on one process
 train-bf16          one step as ``train --precision bf16 --compile`` runs it on one GPU: every block
                     compiled, then FSDP2 per block and root (bf16 parameters, fp32 reduction and
@@ -74,6 +74,7 @@ import stvit
 from stvit import compat, precision
 from stvit.optimize import optimize
 from train import distributed
+from train.optim import fused_adamw
 
 from .authors import authors_config, has_authors_twin, load_authors_twin
 from .common import (MEMORY_METHOD, BenchError, create_model, format_table, input_shape, machine_info,
@@ -366,10 +367,12 @@ def onnx_step(model: nn.Module, x: torch.Tensor, device: torch.device) -> Callab
 
 def train_step(model: nn.Module, x: torch.Tensor, amp: AbstractContextManager,
                scaler: torch.amp.GradScaler | None = None) -> Callable[..., torch.Tensor]:
-    """One step: forward and loss under ``amp``, backward, AdamW; with ``scaler`` the loss is scaled
-    and the gradients unscaled before the step, as their engine's NativeScaler does. It trains on
+    """One step: forward and loss under ``amp``, backward, AdamW (fused where train's is,
+    ``train.optim.fused_adamw``); with ``scaler`` the loss is scaled and the gradients unscaled
+    before the step, as their engine's NativeScaler does. It trains on
     ``x`` and fixed targets, or on the ``(images, targets)`` it is given (``bench data``'s feed)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
+                                  fused=fused_adamw(model.parameters()))
     # A segmentor (pretrained_cfg task "segment") trains on (B, H, W) masks with its own objective.
     segment = (getattr(model, "pretrained_cfg", None) or {}).get("task") == "segment"
     target = torch.randint(0, model.num_classes, (x.shape[0], *x.shape[2:]) if segment else (x.shape[0],),

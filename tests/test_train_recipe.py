@@ -3,10 +3,11 @@
 import math
 
 import pytest
+import torch
 
 import stvit
 from train.config import ConfigError, parse_config
-from train.optim import param_groups
+from train.optim import build_optimizer, param_groups
 from train.schedule import LRSchedule, build_schedule
 
 
@@ -93,6 +94,25 @@ def test_weight_decay_skips_norms_biases_and_layer_scale():
     assert all(not n.endswith(".bias") for n in decayed)
     assert "head.weight" in decayed and "head.bias" in exempt
     assert len(decayed) + len(exempt) == len(list(model.parameters()))
+
+
+def test_adamw_is_fused_where_the_parameters_device_has_it():
+    """torch's fused AdamW on a CPU (and CUDA): one kernel for all tensors, the same update as its
+    per-tensor loop; a device without the kernel (meta here) keeps the loop."""
+    cfg = parse_config(["--model", "tiny"])
+    model, twin = (stvit.create_model("tiny", num_classes=10) for _ in range(2))
+    twin.load_state_dict(model.state_dict())
+    fused = build_optimizer(model, cfg)
+    loop = torch.optim.AdamW(param_groups(twin, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.opt_betas),
+                             eps=cfg.opt_eps, fused=False)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    x = torch.randn(2, 3, 32, 32)
+    for m, opt in ((model, fused), (twin, loop)):  # one step: later ones amplify rounding differences
+        m(x).square().mean().backward()            # (conv biases before a BatchNorm get noise gradients)
+        opt.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert not build_optimizer(stvit.create_model("tiny", num_classes=10).to("meta"), cfg).defaults["fused"]
 
 
 @pytest.mark.parametrize("argv, message", [
