@@ -1,0 +1,88 @@
+"""A/B of one change to the eager training step, both ways timed in the same interleaved rounds.
+
+    python scripts/train_step_ab.py --change neighbours   # index ops vs nine shifted views (STViT)
+    python scripts/train_step_ab.py --change adamw        # fused AdamW vs torch's per-tensor loop
+
+``neighbours``: STViT's super token neighbours gathered and scattered with one index op each way
+(the eager CPU default) against the nine shifted views (what compiled, exported and CUDA runs use);
+it times a super token attention module of stages 1 and 2 forward + backward, the whole eager
+training step, and the eager inference forward. ``adamw``: the bench's training step with train's
+fused AdamW against torch's default on a CPU (a loop over the tensors), and the optimizer step alone.
+Batch 8, 224², the bench's allocator setting; issue #19, bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from contextlib import nullcontext
+from unittest import mock
+
+import torch
+
+import stvit
+from bench.common import time_interleaved, tune_cpu_allocator
+from bench.throughput import train_step
+from stvit.models import stvit as stvit_module
+
+
+def neighbours_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    cases = {}
+    for way, one_op in (("index", True), ("views", False)):
+        # Each call sets the way it runs; the functions read the flag when called.
+        def way_of(fn, one_op=one_op):
+            def call():
+                with mock.patch.object(stvit_module, "_one_index_op", lambda t: one_op):
+                    return fn()
+            return call
+        for stage, (dim, size) in enumerate(((64, 56), (128, 28))):
+            attn = copy.deepcopy(model.layers[stage].blocks[0].attn)
+            xs = torch.randn(x.shape[0], dim, size, size).to(memory_format=torch.channels_last).requires_grad_()
+            grad = torch.randn_like(xs)
+
+            def fwd_bwd(attn=attn, xs=xs, grad=grad):
+                xs.grad = None
+                attn.zero_grad(set_to_none=True)
+                attn(xs).backward(grad)
+            cases[f"{way}: stage-{stage + 1} attention fwd+bwd"] = way_of(fwd_bwd)
+        cases[f"{way}: train step"] = way_of(train_step(copy.deepcopy(model).train(), x, nullcontext()))
+        evaluated = copy.deepcopy(model).eval()
+        cases[f"{way}: eager forward"] = way_of(torch.no_grad()(lambda m=evaluated: m(x)))
+    return cases
+
+
+def adamw_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    cases = {}
+    for way, fused in (("fused", True), ("loop", False)):
+        with mock.patch("bench.throughput.fused_adamw", lambda params, fused=fused: fused):
+            cases[f"{way}: train step"] = train_step(copy.deepcopy(model).train(), x, nullcontext())
+        params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        cases[f"{way}: optimizer step ({len(params)} tensors)"] = torch.optim.AdamW(params, fused=fused).step
+    return cases
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--change", choices=("neighbours", "adamw"), required=True)
+    p.add_argument("--model", default="stvit_small")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=15)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    tune_cpu_allocator()
+    model = stvit.create_model(args.model).to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    cases = (neighbours_cases if args.change == "neighbours" else adamw_cases)(model, x)
+    for call in cases.values():  # warm up
+        call()
+        call()
+    timings = time_interleaved(list(cases.values()), torch.device("cpu"), runs=args.rounds)
+    for name, t in sorted(zip(cases, timings), key=lambda kv: kv[0].split(": ")[1]):
+        print(f"{name:46s} {t.median_s * 1e3:9.2f} ms  (fastest {t.min_s * 1e3:.2f}, slowest {t.max_s * 1e3:.2f})")
+
+
+if __name__ == "__main__":
+    main()
