@@ -29,7 +29,7 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
 def fused_adamw(params) -> bool:
     """Whether to step AdamW with torch's fused kernel (all parameters in a few calls): yes where every
     parameter's device has it (CPU and CUDA), as torchtitan does. On a CPU torch otherwise loops over
-    the tensors one op at a time: STViT-S's 354 take 75 ms a step that way, 20 ms fused (bench/RESULTS.md)."""
+    the tensors one op at a time: STViT-S's 354 take 97 ms a step that way, 28 ms fused (bench/RESULTS.md)."""
     return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
