@@ -9,7 +9,7 @@ forms (:class:`CellTokens`, :class:`MapTokens`).
 Neighbours are gathered by zero-padding the small super-token grid and taking its nine shifted
 views; the adjoint (summing each token's nine contributions back onto the super tokens) is nine
 shifted adds into a padded grid. Both are cheap, exact and differentiable, unlike an identity-
-kernel convolution per channel.
+kernel convolution per channel; eagerly on a CPU each is one indexing op instead.
 
 Semantics kept from the authors' code (github hhb072/STViT; the golden tests check each):
 - the association is computed without gradient;
@@ -98,7 +98,8 @@ def scatter_neighbours(slots: torch.Tensor) -> torch.Tensor:
     Slot k of cell (y, x) is added onto super token (y + dy, x + dx); slots pointing outside
     the grid (the zero phantoms) are dropped. Written as a sum of nine shifted views of the
     zero-padded slots rather than in-place adds into a buffer: no zero-filled scratch tensor,
-    and ``torch.compile`` turns it into one small fused kernel.
+    and ``torch.compile`` turns it into one small fused kernel. Eagerly on a CPU it is one
+    ``index_add`` into a zeroed padded grid (:func:`_one_index_op`).
     """
     B, hh, ww = slots.shape[:3]
     if _one_index_op(slots):
