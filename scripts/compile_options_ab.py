@@ -20,6 +20,7 @@ import copy
 import importlib
 from collections.abc import Callable
 from contextlib import nullcontext
+from unittest import mock
 
 import torch
 from torch import nn
@@ -38,11 +39,8 @@ VARIANTS = {"options": OURS, "torch defaults": lambda backend: None}
 
 
 def compiled(module: nn.Module, variant: str) -> nn.Module:
-    compat.training_compile_options = VARIANTS[variant]  # what compile_block reads
-    try:
+    with mock.patch.object(compat, "training_compile_options", VARIANTS[variant]):  # what compile_block reads
         distributed.compile_block(module)
-    finally:
-        compat.training_compile_options = OURS
     return module
 
 
@@ -95,11 +93,8 @@ def inference_cases(name: str, batch: int, dtype: str) -> list[tuple[str, Callab
     cases = []
     for variant, options in (("options", ours), ("python wrapper", {**ours, "cpp_wrapper": False})):
         fast = stvit.optimize(model, dtype)
-        optimize_module.CPU_INFERENCE_OPTIONS = options  # what the first call compiles with
-        try:
+        with mock.patch.object(optimize_module, "CPU_INFERENCE_OPTIONS", options):  # what the first call compiles with
             fast(x)
-        finally:
-            optimize_module.CPU_INFERENCE_OPTIONS = ours
         cases.append((f"{variant} {dtype}", lambda fast=fast: fast(x)))
     return cases
 

@@ -23,6 +23,7 @@ import torch
 import stvit
 from bench.common import time_interleaved, tune_cpu_allocator
 from bench.throughput import train_step
+from piece_times import forward_backward  # scripts/, beside this one
 from stvit.models import stvit as stvit_module
 
 
@@ -37,14 +38,8 @@ def neighbours_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
             return call
         for stage, (dim, size) in enumerate(((64, 56), (128, 28))):
             attn = copy.deepcopy(model.layers[stage].blocks[0].attn)
-            xs = torch.randn(x.shape[0], dim, size, size).to(memory_format=torch.channels_last).requires_grad_()
-            grad = torch.randn_like(xs)
-
-            def fwd_bwd(attn=attn, xs=xs, grad=grad):
-                xs.grad = None
-                attn.zero_grad(set_to_none=True)
-                attn(xs).backward(grad)
-            cases[f"{way}: stage-{stage + 1} attention fwd+bwd"] = way_of(fwd_bwd)
+            xs = torch.randn(x.shape[0], dim, size, size).to(memory_format=torch.channels_last)
+            cases[f"{way}: stage-{stage + 1} attention fwd+bwd"] = way_of(forward_backward(attn, xs, input_grad=True))
         cases[f"{way}: train step"] = way_of(train_step(copy.deepcopy(model).train(), x, nullcontext()))
         evaluated = copy.deepcopy(model).eval()
         cases[f"{way}: eager forward"] = way_of(torch.no_grad()(lambda m=evaluated: m(x)))
