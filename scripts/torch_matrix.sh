@@ -11,17 +11,19 @@
 # outside the repository), made by one pip command: torch==VERSION with this checkout installed
 # editable with its test extra, so pip picks the torchvision built for that torch. A second run
 # reuses it; --rm deletes it after the run (each is several GB: PyPI's torch wheels bring CUDA).
-# The suite runs as the README's command runs it (`python -m pytest -q`, from the repository root);
+# The suite runs as the README's command runs it (`python -m pytest -q -n 2 --dist loadfile`, from the
+# repository root; PYTEST ARGS replace `-n 2 --dist loadfile`);
 # the log goes beside the environments, and the last line printed is the row for the README's table.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
-version= python=python3 remove=0 pytest_args=()
+default_args=(-n 2 --dist loadfile)
+version= python=python3 remove=0 pytest_args=("${default_args[@]}")
 while [ $# -gt 0 ]; do
     case $1 in
     --rm) remove=1 ;;
     --) shift; pytest_args=("$@"); break ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) if [ -z "$version" ]; then version=$1; elif [ "$python" = python3 ]; then python=$1
        else echo "error: unexpected argument $1 (see --help)" >&2; exit 2; fi ;;
@@ -64,7 +66,7 @@ minutes=$(( (SECONDS - start + 30) / 60 ))
 summary=$(grep -E '^=*.*(passed|failed|error|skipped).* in [0-9.]+s' "$log" | tail -1 | sed 's/^=* *//; s/ *=*$//')
 count() { echo "$summary" | grep -oE "[0-9]+ $1" | grep -oE '^[0-9]+' || echo 0; }
 if [ $remove = 1 ]; then rm -rf "$venv"; echo "== removed $venv"; fi
-args=$([ ${#pytest_args[@]} -gt 0 ] && printf ' --' && printf ' %q' "${pytest_args[@]}")
+args=$([ "${pytest_args[*]}" != "${default_args[*]}" ] && printf ' --' && printf ' %q' "${pytest_args[@]}")
 pyarg=$([ "$python" = python3 ] && echo "" || echo " $python")
 echo "| $torch_version | $("$python" -c 'import platform; print(platform.python_version())') | $(count passed) | $(count failed) | $(count skipped) | $(count error) | $(date -u +%F) | ${minutes} min | \`bash scripts/torch_matrix.sh $version$pyarg$args\` |"
 exit "$rc"

@@ -34,6 +34,11 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "on_device: takes the `device` fixture, so it runs on --device")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        # `pytest -n N` (pytest-xdist): the workers share the cores; N workers each with all of them
+        # oversubscribe, and OpenMP teams then wait on descheduled threads.
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
     name = config.getoption("--device")
     try:
         device = torch.device(name)
