@@ -5,7 +5,8 @@ Times ``bench throughput``'s ``train-compiled`` step (every block compiled by
 it is and with no options (torch's defaults); with ``--blocks``, instead, one block per stage
 (the first block of each input shape), forward + backward, eager and compiled both ways; with
 ``--inference fp32|bf16``, ``stvit.optimize``'s model on a CPU with ``CPU_INFERENCE_OPTIONS`` as they
-are and without the C++ wrapper. Every model × variant is timed in the same interleaved rounds.
+are, without the C++ wrapper, and with inductor's max-autotune (its C++ GEMM templates, AMX
+micro-kernels where the CPU has them, tried against ATen's kernel for every matrix product). Every model × variant is timed in the same interleaved rounds.
 
     PYTHONPATH=tests/site python scripts/compile_options_ab.py --models stvit_small timm:convnext_tiny \
         timm:swin_tiny_patch4_window7_224
@@ -91,7 +92,9 @@ def inference_cases(name: str, batch: int, dtype: str) -> list[tuple[str, Callab
     x = torch.randn(batch, 3, 224, 224)
     ours = optimize_module.CPU_INFERENCE_OPTIONS
     cases = []
-    for variant, options in (("options", ours), ("python wrapper", {**ours, "cpp_wrapper": False})):
+    autotune = {**ours, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+    for variant, options in (("options", ours), ("python wrapper", {**ours, "cpp_wrapper": False}),
+                             ("max autotune", autotune)):
         fast = stvit.optimize(model, dtype)
         with mock.patch.object(optimize_module, "CPU_INFERENCE_OPTIONS", options):  # what the first call compiles with
             fast(x)
