@@ -1,13 +1,18 @@
-"""A/B of one change to the eager training step, both ways timed in the same interleaved rounds.
+"""A/B of one change to the eager step (training, inference), both ways timed in the same interleaved rounds.
 
     python scripts/train_step_ab.py --change neighbours   # index ops vs nine shifted views (STViT)
     python scripts/train_step_ab.py --change adamw        # fused AdamW vs torch's per-tensor loop
+    python scripts/train_step_ab.py --change slots        # the association's softmax slot-major vs token-major
 
 ``neighbours``: STViT's super token neighbours gathered and scattered with one index op each way
 (the eager CPU default) against the nine shifted views (what compiled, exported and CUDA runs use);
 it times a super token attention module of stages 1 and 2 forward + backward, the whole eager
 training step, and the eager inference forward. ``adamw``: the bench's training step with train's
 fused AdamW against torch's default on a CPU (a loop over the tensors), and the optimizer step alone.
+``slots``: STViT's eager association (``CellTokens.assign``) with its 9-way softmax computed
+slot-major, (…, 9, n), against token-major, (…, n, 9), over the last dim; it times the softmax
+alone at stage 1's shape, a super token attention module of stages 1 and 2 forward, the eager
+inference forward and the training step.
 Batch 8, 224², the bench's allocator setting; issue #19, bench/RESULTS.md.
 """
 
@@ -46,6 +51,34 @@ def neighbours_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
     return cases
 
 
+class TokenMajorCells(stvit_module.CellTokens):
+    """The eager form as it was: the softmax over a contiguous last dim of 9."""
+
+    def assign(self, neighbours: torch.Tensor) -> torch.Tensor:
+        return (self.tokens @ neighbours.transpose(-1, -2)).softmax(-1)
+
+
+def slots_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    cases = {}
+    scores = torch.randn(x.shape[0], 7, 7, 64, 9)  # stage 1: 7×7 cells of 64 tokens
+    for way, form in (("slot-major", stvit_module.CellTokens), ("token-major", TokenMajorCells)):
+        def way_of(fn, form=form):
+            def call():
+                with mock.patch.dict(stvit_module.TOKEN_FORMS, cells=form):
+                    return fn()
+            return call
+        slot_major = scores.transpose(-1, -2).contiguous() if form is stvit_module.CellTokens else scores
+        cases[f"{way}: softmax alone, stage 1"] = lambda s=slot_major, d=-2 if form is stvit_module.CellTokens else -1: s.softmax(d)
+        for stage, (dim, size) in enumerate(((64, 56), (128, 28))):
+            attn = copy.deepcopy(model.layers[stage].blocks[0].attn).eval()
+            xs = torch.randn(x.shape[0], dim, size, size).to(memory_format=torch.channels_last)
+            cases[f"{way}: stage-{stage + 1} attention forward"] = way_of(torch.no_grad()(lambda a=attn, xs=xs: a(xs)))
+        evaluated = copy.deepcopy(model).eval()
+        cases[f"{way}: eager forward"] = way_of(torch.no_grad()(lambda m=evaluated: m(x)))
+        cases[f"{way}: train step"] = way_of(train_step(copy.deepcopy(model).train(), x, nullcontext()))
+    return cases
+
+
 def adamw_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
     cases = {}
     for way, fused in (("fused", True), ("loop", False)):
@@ -60,7 +93,7 @@ def adamw_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--change", choices=("neighbours", "adamw"), required=True)
+    p.add_argument("--change", choices=("neighbours", "adamw", "slots"), required=True)
     p.add_argument("--model", default="stvit_small")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
@@ -70,7 +103,7 @@ def main() -> None:
     tune_cpu_allocator()
     model = stvit.create_model(args.model).to(memory_format=torch.channels_last)
     x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-    cases = (neighbours_cases if args.change == "neighbours" else adamw_cases)(model, x)
+    cases = {"neighbours": neighbours_cases, "adamw": adamw_cases, "slots": slots_cases}[args.change](model, x)
     for call in cases.values():  # warm up
         call()
         call()

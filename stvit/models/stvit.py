@@ -128,8 +128,13 @@ class CellTokens:
     def cell_mean(self) -> torch.Tensor:          # (B, hh, ww, C)
         return self.tokens.mean(3)
 
-    def affinity(self, neighbours: torch.Tensor) -> torch.Tensor:   # -> (B, hh, ww, n, 9)
-        return self.tokens @ neighbours.transpose(-1, -2)
+    def assign(self, neighbours: torch.Tensor) -> torch.Tensor:     # -> (B, hh, ww, n, 9)
+        """Each token's softmax over its cell's 9 neighbour slots (``neighbours``: (B, hh, ww, 9, C)).
+
+        Computed slot-major, (B, hh, ww, 9, n), and returned as that buffer's transposed view:
+        on a CPU torch's softmax over a contiguous dim of 9 runs about 19× slower than over the
+        9-slot dim of this layout (bench/RESULTS.md). The products below take either layout."""
+        return (neighbours @ self.tokens.transpose(-1, -2)).softmax(-2).transpose(-1, -2)
 
     def cell_sum(self, assoc: torch.Tensor) -> torch.Tensor:        # (B, hh, ww, 9)
         return assoc.sum(3)
@@ -155,8 +160,8 @@ class MapTokens:
     def cell_mean(self) -> torch.Tensor:
         return self.tokens.mean((2, 4))
 
-    def affinity(self, neighbours: torch.Tensor) -> torch.Tensor:   # -> (B, hh, h, ww, w, 9)
-        return (self.tokens.unsqueeze(-2) * neighbours[:, :, None, :, None]).sum(-1)
+    def assign(self, neighbours: torch.Tensor) -> torch.Tensor:     # -> (B, hh, h, ww, w, 9)
+        return (self.tokens.unsqueeze(-2) * neighbours[:, :, None, :, None]).sum(-1).softmax(-1)
 
     def cell_sum(self, assoc: torch.Tensor) -> torch.Tensor:
         # Summed with the 9 slots zero-padded to 32, a whole vector: inductor (torch 2.13–2.15,
@@ -273,7 +278,7 @@ class SuperTokenAttention(nn.Module):
         stokens = tokens.cell_mean()
         for i in range(self.n_iter):
             # Scale the 9 neighbours rather than the n·9 logits: fewer multiplies, same result.
-            assoc = tokens.affinity(gather_neighbours(stokens) * self.scale).softmax(-1)
+            assoc = tokens.assign(gather_neighbours(stokens) * self.scale)
             norm = scatter_neighbours(tokens.cell_sum(assoc).unsqueeze(-1)) + EPS
             if i < self.n_iter - 1:
                 stokens = scatter_neighbours(tokens.pool(assoc)) / norm
