@@ -6,7 +6,8 @@ it is and with no options (torch's defaults); with ``--blocks``, instead, one bl
 (the first block of each input shape), forward + backward, eager and compiled both ways; with
 ``--inference fp32|bf16``, ``stvit.optimize``'s model on a CPU with ``CPU_INFERENCE_OPTIONS`` as they
 are, without the C++ wrapper, and with inductor's max-autotune (its C++ GEMM templates, AMX
-micro-kernels where the CPU has them, tried against ATen's kernel for every matrix product). Every model × variant is timed in the same interleaved rounds.
+micro-kernels where the CPU has them, tried against ATen's kernel for every matrix product).
+Every model × variant is timed in the same interleaved rounds.
 
     PYTHONPATH=tests/site python scripts/compile_options_ab.py --models stvit_small timm:convnext_tiny \
         timm:swin_tiny_patch4_window7_224

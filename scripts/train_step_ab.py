@@ -67,8 +67,8 @@ def slots_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
                 with mock.patch.dict(stvit_module.TOKEN_FORMS, cells=form):
                     return fn()
             return call
-        slot_major = scores.transpose(-1, -2).contiguous() if form is stvit_module.CellTokens else scores
-        cases[f"{way}: softmax alone, stage 1"] = lambda s=slot_major, d=-2 if form is stvit_module.CellTokens else -1: s.softmax(d)
+        laid_out, slot_dim = (scores.transpose(-1, -2).contiguous(), -2) if form is stvit_module.CellTokens else (scores, -1)
+        cases[f"{way}: softmax alone, stage 1"] = lambda s=laid_out, d=slot_dim: s.softmax(d)
         for stage, (dim, size) in enumerate(((64, 56), (128, 28))):
             attn = copy.deepcopy(model.layers[stage].blocks[0].attn).eval()
             xs = torch.randn(x.shape[0], dim, size, size).to(memory_format=torch.channels_last)
