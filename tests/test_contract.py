@@ -343,7 +343,7 @@ FSDP_WORKER = r"""
 import sys, torch
 import stvit
 from torch.distributed.fsdp import FSDPModule
-from train.distributed import init_distributed, prepare_model, shutdown
+from train.distributed import barrier, exit_process, init_distributed, prepare_model, shutdown
 
 env = init_distributed()
 for name in sys.argv[1:]:
@@ -365,7 +365,9 @@ for name in sys.argv[1:]:
     assert torch.isfinite(loss), name
     assert all(p.grad is not None and torch.isfinite(p.grad.full_tensor()).all() for p in model.parameters()), name
     print(f"rank {env.rank} {name} ok", flush=True)
+barrier()  # leave as train's workers do: together, and without interpreter finalisation
 shutdown()
+exit_process(0)
 """
 
 

@@ -10,7 +10,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from train.config import ConfigError, parse_config
-from train.distributed import world_size_hint
+from train.distributed import exit_process, world_size_hint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,13 +24,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    if world_size_hint() > 1:
-        # A worker of a multi-process torchrun run, once its run is over (files written, process group
-        # destroyed), leaves without interpreter finalisation: there, gloo's worker threads were torn
-        # down late and now and then aborted a run that had succeeded ("terminate called without an
-        # active exception").
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    exit_process(main())

@@ -17,8 +17,10 @@ import datetime
 import os
 import secrets
 import socket
+import sys
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -143,6 +145,18 @@ def _own_address() -> str:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code``. A worker of a multi-process torchrun run, once its work is
+    over (files written, process group destroyed), leaves without interpreter finalisation: there,
+    gloo's worker threads were torn down late and now and then aborted a run that had succeeded
+    ("terminate called without an active exception")."""
+    if world_size_hint() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def world_size_hint() -> int:
