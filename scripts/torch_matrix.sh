@@ -66,6 +66,10 @@ minutes=$(( (SECONDS - start + 30) / 60 ))
 summary=$(grep -E '^=*.*(passed|failed|error|skipped).* in [0-9.]+s' "$log" | tail -1 | sed 's/^=* *//; s/ *=*$//')
 count() { echo "$summary" | grep -oE "[0-9]+ $1" | grep -oE '^[0-9]+' || echo 0; }
 if [ $remove = 1 ]; then rm -rf "$venv"; echo "== removed $venv"; fi
+if [ -z "$summary" ]; then  # e.g. a second -q among the arguments: pytest -qq prints no closing line
+    echo "no pytest closing line in $log (rc $rc), so no table row; run without an extra -q" >&2
+    exit "$rc"
+fi
 args=$([ "${pytest_args[*]}" != "${default_args[*]}" ] && printf ' --' && printf ' %q' "${pytest_args[@]}")
 pyarg=$([ "$python" = python3 ] && echo "" || echo " $python")
 echo "| $torch_version | $("$python" -c 'import platform; print(platform.python_version())') | $(count passed) | $(count failed) | $(count skipped) | $(count error) | $(date -u +%F) | ${minutes} min | \`bash scripts/torch_matrix.sh $version$pyarg$args\` |"

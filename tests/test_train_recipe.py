@@ -7,7 +7,7 @@ import torch
 
 import stvit
 from train.config import ConfigError, parse_config
-from train.optim import build_optimizer, param_groups
+from train.optim import WeightEMA, build_optimizer, param_groups
 from train.schedule import LRSchedule, build_schedule
 
 
@@ -113,6 +113,23 @@ def test_adamw_is_fused_where_the_parameters_device_has_it():
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     assert not build_optimizer(stvit.create_model("tiny", num_classes=10).to("meta"), cfg).defaults["fused"]
+
+
+def test_weight_ema_follows_its_formula_for_every_parameter():
+    """``ema = decay * ema + (1 - decay) * w`` after each update, parameter by parameter, by name."""
+    model = stvit.create_model("tiny", num_classes=10)
+    ema = WeightEMA(model, decay=0.9)
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    ema.update(model)
+    ema.update(model)
+    averaged = ema.state_dict()
+    assert set(averaged) == set(start)
+    for name, p in model.named_parameters():
+        expected = 0.81 * start[name] + 0.19 * p.detach()  # two steps towards the same weights
+        torch.testing.assert_close(averaged[name], expected, rtol=1e-6, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("argv, message", [
