@@ -67,7 +67,7 @@ summary=$(grep -E '^=*.*(passed|failed|error|skipped).* in [0-9.]+s' "$log" | ta
 count() { echo "$summary" | grep -oE "[0-9]+ $1" | grep -oE '^[0-9]+' || echo 0; }
 if [ $remove = 1 ]; then rm -rf "$venv"; echo "== removed $venv"; fi
 if [ -z "$summary" ]; then  # e.g. a second -q among the arguments: pytest -qq prints no closing line
-    echo "no pytest closing line in $log (rc $rc), so no table row; run without an extra -q" >&2
+    echo "no pytest closing line in $log (rc $rc), so no table row (-q twice, or --co, prints none)" >&2
     exit "$rc"
 fi
 args=$([ "${pytest_args[*]}" != "${default_args[*]}" ] && printf ' --' && printf ' %q' "${pytest_args[@]}")
