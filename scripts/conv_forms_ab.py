@@ -1,4 +1,9 @@
-"""Two rewrites of STViT's convolutions, timed against oneDNN's kernels (issue #19; neither is kept).
+"""STViT's convolutions on a CPU: where their time goes, and rewrites timed against oneDNN's kernels
+(issue #19; of the rewrites only the GELU post-op is kept).
+
+``census``: every convolution of each model (STViT-S and ConvNeXt-T by default), eager bf16 in
+channels-last as the compiled model runs them, timed alone at its input shape; totals by kind
+(depthwise, 1×1, dense k×k).
 
 ``depthwise``: the residual depthwise 3×3 conv, compiled as ``stvit.optimize`` compiles (weight
 freezing, bf16), by oneDNN against nine shifted multiply-adds that inductor fuses into one loop
@@ -7,21 +12,34 @@ freezing, bf16), by oneDNN against nine shifted multiply-adds that inductor fuse
 ``pointwise``: the 1×1 convs, eager forward + backward in fp32 and under bf16 autocast, as
 ``nn.Conv2d`` against ``F.linear`` on the channels-last map's NHWC view (how ConvNeXt runs its MLP).
 
+``linear-model``: the whole STViT-S compiled bf16 by ``stvit.optimize``, its 1×1 convs as they are
+against ``F.linear`` on the NHWC view.
+
+``gelu-postop``: the whole STViT-S eager fp32 (eval, no_grad) as a user runs it, each conv -> GELU
+(the ConvFFN's fc1 and the stem's) as one oneDNN convolution with GELU as its post-op
+(``stvit.models.stvit.conv_gelu``, kept) against the two ops it replaced.
+
 Batch 8, 2 threads, the bench's allocator setting; each pair timed in the same interleaved rounds.
 
-    python scripts/conv_forms_ab.py depthwise|pointwise [--rounds 9]
+    python scripts/conv_forms_ab.py depthwise|pointwise|linear-model|gelu-postop [--rounds 9]
+    PYTHONPATH=tests/site python scripts/conv_forms_ab.py census [--models stvit_small timm:convnext_tiny]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+from collections import Counter
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._inductor import config as inductor_config
 
-from bench.common import time_interleaved, tune_cpu_allocator
+import stvit
+from bench.common import create_model, time_interleaved, tune_cpu_allocator
+from stvit.models import stvit as stvit_family
 from stvit.optimize import CPU_INFERENCE_OPTIONS
 
 CPU = torch.device("cpu")
@@ -95,15 +113,119 @@ def pointwise(rounds: int) -> None:
                   f"linear {b.median_s * 1e3:6.2f} ms  ratio {b.median_s / a.median_s:.2f}")
 
 
+def census(rounds: int, models: list[str]) -> None:
+    for name in models:
+        _, model = create_model(name)
+        model.eval()
+        if hasattr(model, "prepare_inference"):
+            model.prepare_inference()  # as optimize() runs it: BatchNorms folded
+        seen: Counter = Counter()
+        layer = {}
+
+        def record(conv: nn.Conv2d, inputs: tuple, _out) -> None:
+            key = (conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.groups,
+                   inputs[0].shape[-1])
+            seen[key] += 1
+            layer.setdefault(key, (conv, inputs[0].shape))
+
+        hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
+        with torch.no_grad():
+            model(torch.randn(8, 3, 224, 224))
+        for h in hooks:
+            h.remove()
+        calls = []
+        for conv, shape in layer.values():
+            conv = copy.deepcopy(conv).to(torch.bfloat16, memory_format=torch.channels_last)
+            x = torch.randn(shape).to(torch.bfloat16, memory_format=torch.channels_last)
+            calls.append(lambda conv=conv, x=x: conv(x))
+        with torch.no_grad():
+            for call in calls:
+                call(), call()
+            timings = time_interleaved(calls, CPU, runs=rounds)
+        kinds: Counter = Counter()
+        print(f"{name}: every convolution, bf16, batch 8, ms")
+        for (key, n), t in zip(seen.items(), timings):
+            cin, cout, k, stride, groups, side = key
+            kind = "depthwise" if groups == cin == cout and groups > 1 else ("1x1" if k == 1 else f"dense {k}x{k}")
+            kinds[kind] += n * t.median_s * 1e3
+            gflops = 2 * 8 * (side // stride) ** 2 * cout * cin // groups * k * k / t.median_s / 1e9
+            print(f"  {kind:10s} {cin:5d}->{cout:5d} stride {stride} @ {side:3d}²  x{n:2d}  "
+                  f"{t.median_s * 1e3:6.3f} each  {n * t.median_s * 1e3:6.2f} in all  {gflops:6.0f} GFLOP/s")
+        print("  by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items())
+              + f"; all {sum(kinds.values()):.1f}")
+
+
+class PointwiseAsLinear(nn.Module):
+    """A 1×1 conv as ``F.linear`` on the channels-last map's NHWC view (ConvNeXt's MLP layout)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach().flatten(1), requires_grad=False)
+        self.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
+
+
+def _swap_children(model: nn.Module, replace) -> int:
+    """Replace every child for which ``replace(child)`` returns a module; how many were replaced."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (new := replace(child)) is not None:
+                setattr(parent, name, new)
+                count += 1
+    return count
+
+
+def _compare(label_a: str, a, label_b: str, b, x: torch.Tensor, rounds: int) -> None:
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+        for _ in range(2):
+            a(x), b(x)
+        ta, tb = time_interleaved([lambda: a(x), lambda: b(x)], CPU, runs=rounds)
+    print(f"{label_a} {ta.median_s * 1e3:.1f} ms ({ta.min_s * 1e3:.1f}-{ta.max_s * 1e3:.1f}), {label_b} "
+          f"{tb.median_s * 1e3:.1f} ms ({tb.min_s * 1e3:.1f}-{tb.max_s * 1e3:.1f}); max |difference| "
+          f"{(ya.float() - yb.float()).abs().max().item():.1e} of max |logit| {ya.abs().max().item():.2f}")
+
+
+def linear_model(rounds: int) -> None:
+    model = stvit.create_model("stvit_small").eval()
+    rewritten = copy.deepcopy(model)
+    rewritten.prepare_inference()  # optimize() folds the BatchNorms into the convs before they are swapped
+    pointwise_conv = (lambda m: PointwiseAsLinear(m) if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+                      and m.groups == 1 and m.stride == (1, 1) else None)
+    n = _swap_children(rewritten, pointwise_conv)
+    print(f"STViT-S compiled bf16, batch 8: {n} 1x1 convs as F.linear")
+    _compare("convs", stvit.optimize(model, "bf16"), "linear", stvit.optimize(rewritten, "bf16", fold=False),
+             torch.randn(8, 3, 224, 224), rounds)
+
+
+def gelu_postop(rounds: int) -> None:
+    model = stvit.create_model("stvit_small").eval()
+
+    def unfused(x: torch.Tensor) -> torch.Tensor:
+        with mock.patch.object(stvit_family.compat, "onednn_conv_gelu_works", lambda: False):
+            return model(x)
+
+    print("STViT-S eager fp32, eval, no_grad, batch 8 (NCHW input, as a user calls it)")
+    _compare("conv then GELU", unfused, "conv with GELU post-op (now)", model, torch.randn(8, 3, 224, 224), rounds)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("depthwise", "pointwise"))
+    p.add_argument("what", choices=("census", "depthwise", "pointwise", "linear-model", "gelu-postop"))
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--models", nargs="+", default=["stvit_small", "timm:convnext_tiny"], help="for census")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tune_cpu_allocator()
-    (depthwise if args.what == "depthwise" else pointwise)(args.rounds)
+    if args.what == "census":
+        census(args.rounds, args.models)
+    else:
+        {"depthwise": depthwise, "pointwise": pointwise, "linear-model": linear_model,
+         "gelu-postop": gelu_postop}[args.what](args.rounds)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ rest of the project calls these and never tests a torch version itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 
 import torch
+import torch.nn.functional as F
 
 # (major, minor) of the running torch, for the shims that a release fixed without a feature to look for.
 TORCH = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
@@ -83,6 +85,30 @@ _is_exporting = getattr(torch.compiler, "is_exporting", None)
 def is_exporting() -> bool:
     """``torch.compiler.is_exporting()`` where torch has it, else False."""
     return _is_exporting is not None and _is_exporting()
+
+
+@functools.cache
+def onednn_conv_gelu_works() -> bool:
+    """Whether this torch build runs oneDNN's convolution with GELU as its post-op
+    (``torch.ops.mkldnn._convolution_pointwise``, the private kernel inductor's convolution fusion
+    calls; x86 builds have it), checked once on a tiny fixed input against conv then GELU. Fixed, not
+    random, inputs: the check must not move the caller's random number stream."""
+    x = torch.linspace(-2, 2, 36).view(1, 4, 3, 3)
+    w = torch.linspace(-1, 1, 16).view(4, 4, 1, 1)
+    try:
+        fused = torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 0], [1, 1], [1, 1], 1, "gelu", [], "none")
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+    return torch.allclose(fused, F.gelu(F.conv2d(x, w)), atol=1e-5)
+
+
+def in_dispatch_mode() -> bool:
+    """Whether a TorchDispatchMode is active (``FlopCounterMode``, ``FakeTensorMode``, ...): such a
+    mode knows torch's public ops, not a private fused kernel. ``is_in_torch_dispatch_mode`` lives in
+    a private module (there since torch 2.1); looked for, not assumed."""
+    from torch.utils import _python_dispatch
+    check = getattr(_python_dispatch, "is_in_torch_dispatch_mode", None)
+    return check is not None and check()
 
 
 def is_shape_guard_failure(error: Exception) -> bool:

@@ -1,9 +1,13 @@
 """STViT-S/B/L sizes, the model registry, checkpoint loading and clear errors."""
 
+from unittest import mock
+
 import pytest
 import torch
 
 import stvit
+from stvit import compat
+from stvit.models import stvit as stvit_module
 from stvit.models.stvit import SuperTokenAttention
 
 # The authors' parameter counts (official_state_dict_keys.json) and the paper's MACs at 224².
@@ -105,6 +109,39 @@ def test_grad_checkpointing_gives_the_same_gradients_and_running_stats():
     # Recomputation in backward must not update BatchNorm running statistics a second time.
     torch.testing.assert_close(buffers[0], buffers[1], rtol=0, atol=0)
     assert stvit.create_model("large").default_checkpoint_num == [4, 7, 15, 0]
+
+
+@pytest.mark.skipif(not compat.onednn_conv_gelu_works(), reason="this torch build has no oneDNN conv with a GELU post-op")
+def test_eager_cpu_inference_fuses_gelu_into_the_conv_and_nothing_else_does():
+    """Eval, no autograd, float32 on a CPU: every conv -> GELU (the stem's 4, each block's fc1) is one
+    oneDNN conv with a GELU post-op, with the logits of the two separate ops; with autograd, autocast,
+    another dtype, under torch.fx or under a dispatch mode (a FLOP counter) it is the two ops."""
+    torch.manual_seed(0)
+    model = stvit.create_model("tiny").eval()
+    x = torch.randn(2, 3, 64, 64)
+    calls = []
+
+    def counted(conv, x):
+        calls.append(conv)
+        return fused(conv, x)
+
+    fused = stvit_module._onednn_conv_gelu
+    expected = model(x)  # autograd on: conv, then GELU
+    assert calls == []
+    with mock.patch.object(stvit_module, "_onednn_conv_gelu", counted):
+        with torch.no_grad():
+            got = model(x)
+        blocks = sum(1 for m in model.modules() if isinstance(m, stvit_module.ConvMlp))
+        assert len(calls) == 4 + blocks
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        calls.clear()
+        with torch.no_grad():
+            with torch.autocast("cpu", torch.bfloat16):
+                model(x)
+            model.double()(x.double())
+        torch.fx.symbolic_trace(model.float())
+        assert stvit.count_macs(model, (3, 64, 64)) > 0  # under a FLOP counter's dispatch mode
+        assert calls == []
 
 
 def test_the_package_has_no_import_cycle():
