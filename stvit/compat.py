@@ -92,9 +92,10 @@ def onednn_conv_gelu_works() -> bool:
     """Whether this torch build runs oneDNN's convolution with GELU as its post-op
     (``torch.ops.mkldnn._convolution_pointwise``, the private kernel inductor's convolution fusion
     calls; x86 builds have it), checked once on a tiny fixed input against conv then GELU. Fixed, not
-    random, inputs: the check must not move the caller's random number stream."""
-    x = torch.linspace(-2, 2, 36).view(1, 4, 3, 3)
-    w = torch.linspace(-1, 1, 16).view(4, 4, 1, 1)
+    random, inputs (float32 on the CPU whatever the defaults): the check must not move the caller's
+    random number stream."""
+    x = torch.linspace(-2, 2, 36, dtype=torch.float32, device="cpu").view(1, 4, 3, 3)
+    w = torch.linspace(-1, 1, 16, dtype=torch.float32, device="cpu").view(4, 4, 1, 1)
     try:
         fused = torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 0], [1, 1], [1, 1], 1, "gelu", [], "none")
     except (AttributeError, RuntimeError, TypeError):

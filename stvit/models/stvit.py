@@ -36,7 +36,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import compat
-from ..compat import is_exporting
 from ..contract import (DropPath, FeatureInfo, ModelBase, check_global_pool, check_image_batch, check_out_indices,
                         check_output_fmt, drop_path_rates, feature_take_indices, init_vit_weights, levels_up_to)
 from ..optimize import fold_bn_conv, fold_conv_bn  # the generic BatchNorm algebra
@@ -82,7 +81,7 @@ def pad_to_grid(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     as grid × cell - size with the grid a ceiling division of positive numbers, so the padded size
     visibly divides by the cell (the ONNX exporter miscompiles floor division of a negative size)."""
     H, W = x.shape[1:3]
-    if is_exporting() or H % h or W % w:
+    if compat.is_exporting() or H % h or W % w:
         x = F.pad(x, (0, 0, 0, (W + w - 1) // w * w - W, 0, (H + h - 1) // h * h - H))
     return x
 
@@ -246,7 +245,7 @@ class SuperTokenAttention(nn.Module):
         if self.stoken_size == (1, 1):
             return self.stoken_refine(x)
         if form is None:
-            form = "map" if torch.compiler.is_compiling() and not is_exporting() else "cells"
+            form = "map" if torch.compiler.is_compiling() and not compat.is_exporting() else "cells"
         if form not in TOKEN_FORMS:
             raise ValueError(f"form={form!r}: choose one of {sorted(TOKEN_FORMS)}")
         return self.sample_refine_upsample(x, TOKEN_FORMS[form])
@@ -265,7 +264,7 @@ class SuperTokenAttention(nn.Module):
         stokens = self.stoken_refine(stokens.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         # Upsample: each token is the association-weighted sum of its 9 refined super tokens.
         out = tokens.spread(assoc, gather_neighbours(stokens))                  # (B, H, W, C)
-        if is_exporting():
+        if compat.is_exporting():
             rows, cols = torch.arange(H0, device=out.device), torch.arange(W0, device=out.device)
             return out.index_select(1, rows).index_select(2, cols).permute(0, 3, 1, 2)
         return out[:, :H0, :W0].permute(0, 3, 1, 2)
@@ -345,7 +344,7 @@ def _gelu_fusable(conv: nn.Conv2d, act: nn.Module, x: torch.Tensor) -> bool:
     plain_conv = isinstance(conv.padding, tuple) and conv.padding_mode == "zeros"
     # torch.compile (inductor makes the same fusion), export, tracing and dispatch modes (a FLOP
     # counter, fake tensors) see the two public ops; a build without the kernel runs them too.
-    watched = (torch.compiler.is_compiling() or torch.jit.is_tracing() or is_exporting()
+    watched = (torch.compiler.is_compiling() or torch.jit.is_tracing() or compat.is_exporting()
                or compat.in_dispatch_mode())
     return (eager_cpu_inference and exact_gelu and plain_conv and not watched
             and compat.onednn_conv_gelu_works())
