@@ -167,17 +167,6 @@ class PointwiseAsLinear(nn.Module):
         return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
 
 
-def _swap_children(model: nn.Module, replace) -> int:
-    """Replace every child for which ``replace(child)`` returns a module; how many were replaced."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if (new := replace(child)) is not None:
-                setattr(parent, name, new)
-                count += 1
-    return count
-
-
 def _compare(label_a: str, a, label_b: str, b, x: torch.Tensor, rounds: int) -> None:
     with torch.no_grad():
         ya, yb = a(x), b(x)
@@ -193,10 +182,13 @@ def linear_model(rounds: int) -> None:
     model = stvit.create_model("stvit_small").eval()
     rewritten = copy.deepcopy(model)
     rewritten.prepare_inference()  # optimize() folds the BatchNorms into the convs before they are swapped
-    pointwise_conv = (lambda m: PointwiseAsLinear(m) if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
-                      and m.groups == 1 and m.stride == (1, 1) else None)
-    n = _swap_children(rewritten, pointwise_conv)
-    print(f"STViT-S compiled bf16, batch 8: {n} 1x1 convs as F.linear")
+    swapped = 0
+    for parent in list(rewritten.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Conv2d) and child.kernel_size == (1, 1) and child.groups == 1 and child.stride == (1, 1):
+                setattr(parent, name, PointwiseAsLinear(child))
+                swapped += 1
+    print(f"STViT-S compiled bf16, batch 8: {swapped} 1x1 convs as F.linear")
     _compare("convs", stvit.optimize(model, "bf16"), "linear", stvit.optimize(rewritten, "bf16", fold=False),
              torch.randn(8, 3, 224, 224), rounds)
 

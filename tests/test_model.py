@@ -115,7 +115,8 @@ def test_grad_checkpointing_gives_the_same_gradients_and_running_stats():
 def test_eager_cpu_inference_fuses_gelu_into_the_conv_and_nothing_else_does():
     """Eval, no autograd, float32 on a CPU: every conv -> GELU (the stem's 4, each block's fc1) is one
     oneDNN conv with a GELU post-op, with the logits of the two separate ops; with autograd, autocast,
-    another dtype, under torch.fx or under a dispatch mode (a FLOP counter) it is the two ops."""
+    another dtype, under torch.fx or a dispatch mode (a FLOP counter), with a hook on either module
+    or for a Conv2d subclass it is the two ops."""
     torch.manual_seed(0)
     model = stvit.create_model("tiny").eval()
     x = torch.randn(2, 3, 64, 64)
@@ -142,6 +143,21 @@ def test_eager_cpu_inference_fuses_gelu_into_the_conv_and_nothing_else_does():
         torch.fx.symbolic_trace(model.float())
         assert stvit.count_macs(model, (3, 64, 64)) > 0  # under a FLOP counter's dispatch mode
         assert calls == []
+        # A hook on either module sees it run; a Conv2d subclass keeps its own forward.
+        seen = []
+        mlp = next(m for m in model.modules() if isinstance(m, stvit_module.ConvMlp))
+        handle = mlp.act1.register_forward_hook(lambda *args: seen.append("act1"))
+
+        class Scaled(torch.nn.Conv2d):
+            def forward(self, x):
+                return 2 * super().forward(x)
+
+        stem_conv = model.patch_embed.proj[0]
+        model.patch_embed.proj[0] = Scaled(stem_conv.in_channels, stem_conv.out_channels, 3, 2, 1)
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+        assert seen == ["act1"] and len(calls) == 4 + blocks - 2
 
 
 def test_the_package_has_no_import_cycle():
