@@ -15,6 +15,7 @@ import re
 
 import torch
 import torch.nn.functional as F
+from torch.utils import _python_dispatch
 
 # (major, minor) of the running torch, for the shims that a release fixed without a feature to look for.
 TORCH = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
@@ -103,13 +104,14 @@ def onednn_conv_gelu_works() -> bool:
     return torch.allclose(fused, F.gelu(F.conv2d(x, w)), atol=1e-5)
 
 
+# is_in_torch_dispatch_mode lives in a private module (there since torch 2.1): looked for, not assumed.
+_is_in_dispatch_mode = getattr(_python_dispatch, "is_in_torch_dispatch_mode", None)
+
+
 def in_dispatch_mode() -> bool:
     """Whether a TorchDispatchMode is active (``FlopCounterMode``, ``FakeTensorMode``, ...): such a
-    mode knows torch's public ops, not a private fused kernel. ``is_in_torch_dispatch_mode`` lives in
-    a private module (there since torch 2.1); looked for, not assumed."""
-    from torch.utils import _python_dispatch
-    check = getattr(_python_dispatch, "is_in_torch_dispatch_mode", None)
-    return check is not None and check()
+    mode knows torch's public ops, not a private fused kernel."""
+    return _is_in_dispatch_mode is not None and _is_in_dispatch_mode()
 
 
 def is_shape_guard_failure(error: Exception) -> bool:

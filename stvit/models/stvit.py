@@ -33,6 +33,7 @@ import torch.fx
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.nn.modules import module as nn_module  # the global forward hooks
 from torch.utils.checkpoint import checkpoint
 
 from .. import compat
@@ -338,22 +339,21 @@ def conv_gelu(conv: nn.Conv2d, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _gelu_fusable(conv: nn.Conv2d, act: nn.Module, x: torch.Tensor) -> bool:
+    # Training (autograd on) leaves at the first test.
+    eager_cpu_inference = (not torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.device.type == "cpu"
+                           and x.dtype == conv.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
     # Only the plain modules, without hooks: a subclass or wrapper (quantized, LoRA, pruned) keeps
     # its own forward, and a hook (a feature extractor's, a profiler's) sees both modules run.
-    plain = (type(conv) is nn.Conv2d and type(act) is nn.GELU and act.approximate == "none"
+    plain = (eager_cpu_inference and type(conv) is nn.Conv2d and type(act) is nn.GELU and act.approximate == "none"
              and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple) and not _hooked(conv, act))
-    eager_cpu_inference = (plain and isinstance(x, torch.Tensor) and x.device.type == "cpu"
-                           and not torch.is_grad_enabled() and x.dtype == conv.weight.dtype == torch.float32
-                           and not torch.is_autocast_enabled("cpu"))
     # torch.compile (inductor makes the same fusion), export, tracing and dispatch modes (a FLOP
     # counter, fake tensors) see the two public ops; a build without the kernel runs them too.
-    return (eager_cpu_inference and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+    return (plain and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and not compat.is_exporting() and not compat.in_dispatch_mode() and compat.onednn_conv_gelu_works())
 
 
 def _hooked(*modules: nn.Module) -> bool:
     """Whether a forward hook, on one of ``modules`` or global, would see them called."""
-    from torch.nn.modules import module as nn_module
     return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks) or any(
         m._forward_hooks or m._forward_pre_hooks for m in modules)
 
