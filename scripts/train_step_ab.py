@@ -3,6 +3,7 @@
     python scripts/train_step_ab.py --change neighbours   # index ops vs nine shifted views (STViT)
     python scripts/train_step_ab.py --change adamw        # fused AdamW vs torch's per-tensor loop
     python scripts/train_step_ab.py --change slots        # the association's softmax slot-major vs token-major
+    python scripts/train_step_ab.py --change adjoint      # compiled: the neighbours' explicit adjoints vs autograd's
 
 ``neighbours``: STViT's super token neighbours gathered and scattered with one index op each way
 (the eager CPU default) against the nine shifted views (what compiled, exported and CUDA runs use);
@@ -12,7 +13,11 @@ fused AdamW against torch's default on a CPU (a loop over the tensors), and the 
 ``slots``: STViT's eager association (``CellTokens.assign``) with its 9-way softmax computed
 slot-major, (…, 9, n), against token-major, (…, n, 9), over the last dim; it times the softmax
 alone at stage 1's shape, a super token attention module of stages 1 and 2 forward, the eager
-inference forward and the training step.
+inference forward and the training step. ``adjoint`` (compiled training): STViT's neighbour gather
+and scatter carrying each other as their backward (``_GatherNeighbours``, the default under
+torch.compile) against autograd differentiating the nine shifted views; it times one block of
+stages 1 and 2 compiled as ``train --compile`` compiles it, forward + backward in float32 and under
+bf16 autocast, and the bench's ``train-compiled`` and ``train-bf16`` steps.
 Batch 8, 224², the bench's allocator setting; issue #19, bench/RESULTS.md.
 """
 
@@ -79,6 +84,37 @@ def slots_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
     return cases
 
 
+def adjoint_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    from bench.throughput import build_step
+    from stvit import compat
+    from train import distributed
+
+    compat.raise_recompile_limit(64)  # both ways x stages x precisions share STTBlock.forward's code
+    env = distributed.one_process_group(torch.device("cpu"))  # what train-bf16 shards in
+    autograds = lambda t: False  # noqa: E731  one object: dynamo guards on it, so each way keeps its graphs
+    # The bench's training steps take the model and the batch as a user's (contiguous) are.
+    plain, x_plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format), x.contiguous()
+    cases = {}
+    for way, pick in (("adjoint", stvit_module._compiled_with_grad), ("autograd", autograds)):
+        def way_of(fn, pick=pick):
+            def call():
+                with mock.patch.object(stvit_module, "_compiled_with_grad", pick):
+                    return fn()
+            return call
+        for stage, (dim, size) in enumerate(((64, 56), (128, 28))):
+            block = copy.deepcopy(model.layers[stage].blocks[0]).train()
+            distributed.compile_block(block)
+            xs = torch.randn(x.shape[0], dim, size, size).to(memory_format=torch.channels_last)
+            fp32 = forward_backward(block, xs, input_grad=True)
+            cases[f"{way}: stage-{stage + 1} block fwd+bwd, fp32"] = way_of(fp32)
+            cases[f"{way}: stage-{stage + 1} block fwd+bwd, bf16 autocast"] = way_of(
+                torch.autocast("cpu", torch.bfloat16)(forward_backward(block, xs, input_grad=True)))
+        for mode in ("train-compiled", "train-bf16"):
+            with mock.patch.object(stvit_module, "_compiled_with_grad", pick):
+                cases[f"{way}: {mode} step"] = way_of(build_step(mode, plain, None, x_plain, torch.device("cpu"), env))
+    return cases
+
+
 def adamw_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
     cases = {}
     for way, fused in (("fused", True), ("loop", False)):
@@ -93,7 +129,7 @@ def adamw_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--change", choices=("neighbours", "adamw", "slots"), required=True)
+    p.add_argument("--change", choices=("neighbours", "adamw", "slots", "adjoint"), required=True)
     p.add_argument("--model", default="stvit_small")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
@@ -103,7 +139,8 @@ def main() -> None:
     tune_cpu_allocator()
     model = stvit.create_model(args.model).to(memory_format=torch.channels_last)
     x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-    cases = {"neighbours": neighbours_cases, "adamw": adamw_cases, "slots": slots_cases}[args.change](model, x)
+    cases = {"neighbours": neighbours_cases, "adamw": adamw_cases, "slots": slots_cases,
+             "adjoint": adjoint_cases}[args.change](model, x)
     for call in cases.values():  # warm up
         call()
         call()

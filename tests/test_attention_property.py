@@ -85,24 +85,67 @@ def test_input_gradient_equals_finite_differences_with_fixed_association(device,
 @given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.sampled_from([1, 5]), st.integers(0, 2**31 - 1))
 def test_neighbour_gather_and_scatter_by_index_equal_the_shifted_views(B, hh, ww, C, seed):
     """Eagerly on a CPU the neighbours move with one index op each way; compiled, exported, traced
-    or on CUDA with nine shifted views. Both ways give the same gather, the same scatter, the same
-    gradients, and the scatter is the gather's adjoint: <gather(g), s> = <g, scatter(s)>."""
+    or on CUDA with nine shifted views, which compiled training differentiates by each other (the
+    adjoint pair). All ways give the same gather, the same scatter, the same gradients, and the
+    scatter is the gather's adjoint: <gather(g), s> = <g, scatter(s)>."""
     rng = np.random.default_rng(seed)
     grid = torch.from_numpy(rng.standard_normal((B, hh, ww, C))).requires_grad_()
     slots = torch.from_numpy(rng.standard_normal((B, hh, ww, 9, C))).requires_grad_()
     weights = [torch.from_numpy(rng.standard_normal(s.shape)) for s in (slots, grid)]
     results = {}
-    for way, one_op in (("index", True), ("views", False)):
-        with mock.patch.object(stvit_module, "_one_index_op", lambda t, one_op=one_op: one_op):
+    # "adjoints": the views, each carrying the other as its backward (what torch.compile trains with).
+    for way, one_op, adjoint in (("index", True, False), ("views", False, False), ("adjoints", False, True)):
+        with (mock.patch.object(stvit_module, "_one_index_op", lambda t, one_op=one_op: one_op),
+              mock.patch.object(stvit_module, "_compiled_with_grad", lambda t, adjoint=adjoint: adjoint)):
             gathered, scattered = gather_neighbours(grid), scatter_neighbours(slots)
         grid.grad = slots.grad = None
         ((gathered * weights[0]).sum() + (scattered * weights[1]).sum()).backward()
         results[way] = (gathered.detach(), scattered.detach(), grid.grad, slots.grad)
-    for name, a, b in zip(("gather", "scatter", "gather's gradient", "scatter's gradient"), *results.values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+    for other in ("views", "adjoints"):
+        for name, a, b in zip(("gather", "scatter", "gather's gradient", "scatter's gradient"),
+                              results["index"], results[other]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=f"{other}: {name}")
     gathered, scattered = results["index"][:2]
     torch.testing.assert_close((gathered * slots).sum(), (grid * scattered).sum(), rtol=1e-12, atol=1e-12)
     assert stvit_module._one_index_op(grid)  # what the model itself takes here, eagerly on a CPU
+
+
+def test_adjoint_pair_has_exact_second_derivatives_and_works_under_torch_func():
+    """The pair's backward is itself differentiable (double backward, as gradient penalties take)
+    and torch.func's vmap and grad pass through it."""
+    rng = np.random.default_rng(0)
+    grid = torch.from_numpy(rng.standard_normal((2, 3, 4, 5))).requires_grad_()
+    slots = torch.from_numpy(rng.standard_normal((2, 3, 4, 9, 5))).requires_grad_()
+    gather, scatter = stvit_module._GatherNeighbours.apply, stvit_module._ScatterNeighbours.apply
+    assert torch.autograd.gradcheck(gather, (grid,)) and torch.autograd.gradgradcheck(gather, (grid,))
+    assert torch.autograd.gradcheck(scatter, (slots,)) and torch.autograd.gradgradcheck(scatter, (slots,))
+    grids = torch.from_numpy(rng.standard_normal((3, 2, 3, 4, 5)))  # vmap over a stack of batches
+    torch.testing.assert_close(torch.func.vmap(gather)(grids), torch.stack([gather(g) for g in grids]))
+    weights = torch.from_numpy(rng.standard_normal(slots.shape))
+    grad = torch.func.grad(lambda g: (gather(g) * weights).sum())(grid.detach())
+    torch.testing.assert_close(grad, scatter(weights), rtol=0, atol=1e-12)
+
+
+def test_compiled_training_takes_the_adjoint_pair_and_inference_does_not():
+    """Under torch.compile with autograd the gather and scatter are the adjoint pair (one autograd
+    Function each in dynamo's graph); under no_grad, and eagerly, plain ops."""
+    module = SuperTokenAttention(8, (2, 2), 1, 2)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(1, 8, 6, 6)
+    compiled = torch.compile(module, backend=backend, dynamic=False)
+    with torch.no_grad():
+        compiled(x)
+    compiled(x.requires_grad_())
+    pairs = [sum(node.target is torch.ops.higher_order.autograd_function_apply for node in gm.graph.nodes)
+             for gm in graphs]
+    # Training: the scatter of the pooled tokens and the gather of the refined super tokens (the
+    # association runs without gradient, its neighbours as plain views).
+    assert pairs == [0, 2], pairs
 
 
 def test_oracle_phantom_slots_take_part_in_softmax():
