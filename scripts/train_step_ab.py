@@ -4,6 +4,7 @@
     python scripts/train_step_ab.py --change adamw        # fused AdamW vs torch's per-tensor loop
     python scripts/train_step_ab.py --change slots        # the association's softmax slot-major vs token-major
     python scripts/train_step_ab.py --change adjoint      # compiled: the neighbours' explicit adjoints vs autograd's
+    python scripts/train_step_ab.py --change linear       # compiled: 1×1 convs as Linear vs as convolutions
 
 ``neighbours``: STViT's super token neighbours gathered and scattered with one index op each way
 (the eager CPU default) against the nine shifted views (what compiled, exported and CUDA runs use);
@@ -15,9 +16,10 @@ slot-major, (…, 9, n), against token-major, (…, n, 9), over the last dim; it
 alone at stage 1's shape, a super token attention module of stages 1 and 2 forward, the eager
 inference forward and the training step. ``adjoint`` (compiled training): STViT's neighbour gather
 and scatter carrying each other as their backward (``_GatherNeighbours``, the default under
-torch.compile) against autograd differentiating the nine shifted views; it times one block of
-stages 1 and 2 compiled as ``train --compile`` compiles it, forward + backward in float32 and under
-bf16 autocast, and the bench's ``train-compiled`` and ``train-bf16`` steps.
+torch.compile) against autograd differentiating the nine shifted views. ``linear`` (compiled
+training): the blocks' 1×1 convs run as Linear layers (``pointwise_conv``) against as convolutions.
+Both time one block of each stage compiled as ``train --compile`` compiles it, forward + backward
+in float32 and under bf16 autocast, and the bench's ``train-compiled`` and ``train-bf16`` steps.
 Batch 8, 224², the bench's allocator setting; issue #19, bench/RESULTS.md.
 """
 
@@ -84,24 +86,28 @@ def slots_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
     return cases
 
 
-def adjoint_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
+def compiled_training_cases(model: torch.nn.Module, x: torch.Tensor, switch: str, ways: tuple[str, str]) -> dict:
+    """The change behind ``stvit.models.stvit.<switch>`` (a predicate) on, and off (the predicate
+    always False), in compiled training: one block of stages 1 and 2 (and 3 and 4) compiled as
+    ``train --compile`` compiles it, forward + backward in float32 and under bf16 autocast, and the
+    bench's ``train-compiled`` and ``train-bf16`` steps."""
     from bench.throughput import build_step
     from stvit import compat
     from train import distributed
 
     compat.raise_recompile_limit(64)  # both ways x stages x precisions share STTBlock.forward's code
     env = distributed.one_process_group(torch.device("cpu"))  # what train-bf16 shards in
-    autograds = lambda t: False  # noqa: E731  one object: dynamo guards on it, so each way keeps its graphs
+    off = lambda *args: False  # noqa: E731  one object: dynamo guards on it, so each way keeps its graphs
     # The bench's training steps take the model and the batch as a user's (contiguous) are.
     plain, x_plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format), x.contiguous()
     cases = {}
-    for way, pick in (("adjoint", stvit_module._compiled_with_grad), ("autograd", autograds)):
+    for way, pick in zip(ways, (getattr(stvit_module, switch), off)):
         def way_of(fn, pick=pick):
             def call():
-                with mock.patch.object(stvit_module, "_compiled_with_grad", pick):
+                with mock.patch.object(stvit_module, switch, pick):
                     return fn()
             return call
-        for stage, (dim, size) in enumerate(((64, 56), (128, 28))):
+        for stage, (dim, size) in enumerate(((64, 56), (128, 28), (320, 14), (512, 7))):
             block = copy.deepcopy(model.layers[stage].blocks[0]).train()
             distributed.compile_block(block)
             xs = torch.randn(x.shape[0], dim, size, size).to(memory_format=torch.channels_last)
@@ -110,7 +116,7 @@ def adjoint_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
             cases[f"{way}: stage-{stage + 1} block fwd+bwd, bf16 autocast"] = way_of(
                 torch.autocast("cpu", torch.bfloat16)(forward_backward(block, xs, input_grad=True)))
         for mode in ("train-compiled", "train-bf16"):
-            with mock.patch.object(stvit_module, "_compiled_with_grad", pick):
+            with mock.patch.object(stvit_module, switch, pick):
                 cases[f"{way}: {mode} step"] = way_of(build_step(mode, plain, None, x_plain, torch.device("cpu"), env))
     return cases
 
@@ -129,7 +135,7 @@ def adamw_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--change", choices=("neighbours", "adamw", "slots", "adjoint"), required=True)
+    p.add_argument("--change", choices=("neighbours", "adamw", "slots", "adjoint", "linear"), required=True)
     p.add_argument("--model", default="stvit_small")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
@@ -140,7 +146,9 @@ def main() -> None:
     model = stvit.create_model(args.model).to(memory_format=torch.channels_last)
     x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     cases = {"neighbours": neighbours_cases, "adamw": adamw_cases, "slots": slots_cases,
-             "adjoint": adjoint_cases}[args.change](model, x)
+             "adjoint": lambda m, x: compiled_training_cases(m, x, "_compiled_with_grad", ("adjoint", "autograd")),
+             "linear": lambda m, x: compiled_training_cases(m, x, "_linear_for_training", ("linear", "conv")),
+             }[args.change](model, x)
     for call in cases.values():  # warm up
         call()
         call()

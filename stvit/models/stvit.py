@@ -275,7 +275,7 @@ class MultiHeadSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        q, k, v = split_qkv_heads(self.qkv(x), self.num_heads)
+        q, k, v = split_qkv_heads(pointwise_conv(self.qkv, x), self.num_heads)
         dropout = self.attn_drop if self.training else 0.0
         if torch.compiler.is_compiling() and dropout == 0.0:
             # Under torch.compile, plain matmuls and softmax: inductor fuses the scaling and softmax
@@ -285,7 +285,7 @@ class MultiHeadSelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
         # Back to (B, C, H, W) with channels-last strides, the layout the rest of the model uses.
         out = out.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(pointwise_conv(self.proj, out))
 
 
 class SuperTokenAttention(nn.Module):
@@ -398,7 +398,7 @@ def conv_gelu(conv: nn.Conv2d, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``act(conv(x))``; in eager float32 CPU inference with ``act`` an exact GELU, one oneDNN
     convolution with GELU as its post-op, applied while each output tile is in cache rather than in a
     second pass over the map (STViT-S's eager forward at batch 8: 327 → 311 ms, bench/RESULTS.md)."""
-    return _onednn_conv_gelu(conv, x) if _gelu_fusable(conv, act, x) else act(conv(x))
+    return _onednn_conv_gelu(conv, x) if _gelu_fusable(conv, act, x) else act(pointwise_conv(conv, x))
 
 
 def _gelu_fusable(conv: nn.Conv2d, act: nn.Module, x: torch.Tensor) -> bool:
@@ -426,6 +426,30 @@ def _onednn_conv_gelu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
                                                    list(conv.dilation), conv.groups, "gelu", [], "none")
 
 
+def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``; for a 1×1 conv on a small map in compiled CPU training, the same map as a Linear
+    layer over the channels-last map's (B, H, W, C) view, with the conv's own parameters: its backward
+    is then two GEMMs, where oneDNN's 1×1 convolution backward is slower. One compiled block forward +
+    backward at batch 8: stage 3 (14²) 6–8 % and stage 4 (7²) 19–23 % faster, in bf16 and float32; at
+    56² and 28² no faster, so those maps keep the conv (bench/RESULTS.md). Compiled inference keeps
+    it too (weight freezing prepacks it with its post-ops: the Linear form was 11 % slower there), and
+    so does eager execution."""
+    if _linear_for_training(conv, x):
+        return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
+    return conv(x)
+
+
+LINEAR_MAX_POSITIONS = 14 * 14  # stages 3 and 4 at 224², and the super-token grids of stages 1 and 2
+
+
+def _linear_for_training(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    # A subclass or wrapper (quantized, LoRA) keeps its own forward, and a hooked conv is called.
+    return (torch.compiler.is_compiling() and torch.is_grad_enabled() and not compat.is_exporting()
+            and x.device.type == "cpu" and x.shape[-2] * x.shape[-1] <= LINEAR_MAX_POSITIONS
+            and type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1 and not _hooked(conv))
+
+
 class ConvMlp(nn.Module):
     """1×1 conv -> GELU -> residual depthwise conv -> 1×1 conv."""
 
@@ -439,7 +463,7 @@ class ConvMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.drop(conv_gelu(self.fc1, self.act1, x))
-        return self.drop(self.fc2(self.conv(x)))
+        return self.drop(pointwise_conv(self.fc2, self.conv(x)))
 
 
 class STTBlock(nn.Module):
