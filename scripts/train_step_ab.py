@@ -1,10 +1,10 @@
-"""A/B of one change to the eager step (training, inference), both ways timed in the same interleaved rounds.
+"""A/B of one change to the step (training, inference), both ways timed in the same interleaved rounds.
 
     python scripts/train_step_ab.py --change neighbours   # index ops vs nine shifted views (STViT)
     python scripts/train_step_ab.py --change adamw        # fused AdamW vs torch's per-tensor loop
     python scripts/train_step_ab.py --change slots        # the association's softmax slot-major vs token-major
     python scripts/train_step_ab.py --change adjoint      # compiled: the neighbours' explicit adjoints vs autograd's
-    python scripts/train_step_ab.py --change linear       # compiled: 1×1 convs as Linear vs as convolutions
+    python scripts/train_step_ab.py --change linear       # training: small maps' 1×1 convs as Linear vs as convolutions
 
 ``neighbours``: STViT's super token neighbours gathered and scattered with one index op each way
 (the eager CPU default) against the nine shifted views (what compiled, exported and CUDA runs use);
@@ -16,10 +16,11 @@ slot-major, (…, 9, n), against token-major, (…, n, 9), over the last dim; it
 alone at stage 1's shape, a super token attention module of stages 1 and 2 forward, the eager
 inference forward and the training step. ``adjoint`` (compiled training): STViT's neighbour gather
 and scatter carrying each other as their backward (``_GatherNeighbours``, the default under
-torch.compile) against autograd differentiating the nine shifted views. ``linear`` (compiled
-training): the blocks' 1×1 convs run as Linear layers (``pointwise_conv``) against as convolutions.
-Both time one block of each stage compiled as ``train --compile`` compiles it, forward + backward
-in float32 and under bf16 autocast, and the bench's ``train-compiled`` and ``train-bf16`` steps.
+torch.compile) against autograd differentiating the nine shifted views. ``linear`` (training,
+eager and compiled): the blocks' 1×1 convs on maps of at most 14×14 positions run as Linear layers
+(``pointwise_conv``) against as convolutions. Both time one block of each stage compiled as
+``train --compile`` compiles it, forward + backward in float32 and under bf16 autocast, and the
+bench's ``train``, ``train-compiled`` and ``train-bf16`` steps.
 Batch 8, 224², the bench's allocator setting; issue #19, bench/RESULTS.md.
 """
 
@@ -86,11 +87,11 @@ def slots_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
     return cases
 
 
-def compiled_training_cases(model: torch.nn.Module, x: torch.Tensor, switch: str, ways: tuple[str, str]) -> dict:
+def training_cases(model: torch.nn.Module, x: torch.Tensor, switch: str, ways: tuple[str, str]) -> dict:
     """The change behind ``stvit.models.stvit.<switch>`` (a predicate) on, and off (the predicate
-    always False), in compiled training: one block of stages 1 and 2 (and 3 and 4) compiled as
-    ``train --compile`` compiles it, forward + backward in float32 and under bf16 autocast, and the
-    bench's ``train-compiled`` and ``train-bf16`` steps."""
+    always False), in training: one block of each stage compiled as ``train --compile`` compiles
+    it, forward + backward in float32 and under bf16 autocast, and the bench's ``train``,
+    ``train-compiled`` and ``train-bf16`` steps."""
     from bench.throughput import build_step
     from stvit import compat
     from train import distributed
@@ -115,7 +116,7 @@ def compiled_training_cases(model: torch.nn.Module, x: torch.Tensor, switch: str
             cases[f"{way}: stage-{stage + 1} block fwd+bwd, fp32"] = way_of(fp32)
             cases[f"{way}: stage-{stage + 1} block fwd+bwd, bf16 autocast"] = way_of(
                 torch.autocast("cpu", torch.bfloat16)(forward_backward(block, xs, input_grad=True)))
-        for mode in ("train-compiled", "train-bf16"):
+        for mode in ("train", "train-compiled", "train-bf16"):
             with mock.patch.object(stvit_module, switch, pick):
                 cases[f"{way}: {mode} step"] = way_of(build_step(mode, plain, None, x_plain, torch.device("cpu"), env))
     return cases
@@ -146,8 +147,8 @@ def main() -> None:
     model = stvit.create_model(args.model).to(memory_format=torch.channels_last)
     x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     cases = {"neighbours": neighbours_cases, "adamw": adamw_cases, "slots": slots_cases,
-             "adjoint": lambda m, x: compiled_training_cases(m, x, "_compiled_with_grad", ("adjoint", "autograd")),
-             "linear": lambda m, x: compiled_training_cases(m, x, "_linear_for_training", ("linear", "conv")),
+             "adjoint": lambda m, x: training_cases(m, x, "_compiled_with_grad", ("adjoint", "autograd")),
+             "linear": lambda m, x: training_cases(m, x, "_linear_for_training", ("linear", "conv")),
              }[args.change](model, x)
     for call in cases.values():  # warm up
         call()

@@ -244,17 +244,27 @@ def test_compiled_block_trains_like_the_eager_block(device):
         assert_close_to(xa.grad, xb.grad, FP32_TOL)
         for p, q in zip(block.parameters(), eager.parameters()):
             assert_close_to(p.grad, q.grad, FP32_TOL)
-    # Eagerly six convolutions (two tensors each); compiled, on this small map the four 1×1 ones run
-    # as Linear layers and the two depthwise ones stay convolutions.
-    assert (len(compiled_layouts.layouts), len(eager_layouts.layouts)) == (2 * 2, 2 * 6)
+    # On this small map the four 1×1 convs train as Linear layers, eagerly and compiled: the two
+    # depthwise convs remain (two tensors each).
+    assert len(compiled_layouts.layouts) == len(eager_layouts.layouts) == 2 * 2
     assert all(layout in ("channels-last", "contiguous") for layout in compiled_layouts.layouts), \
         compiled_layouts.layouts
 
 
-def test_compiled_training_runs_small_maps_1x1_convs_as_linear_layers():
-    """Compiled CPU training runs the blocks' 1×1 convs as Linear layers on maps of at most 14×14
-    positions (qkv, proj, fc1, fc2; faster backward there, bench/RESULTS.md) and as convolutions on
-    larger maps, in inference and eagerly."""
+class CountConvs(TorchDispatchMode):
+    def __enter__(self):
+        self.count = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.convolution.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_cpu_training_runs_small_maps_1x1_convs_as_linear_layers():
+    """CPU training, eager and compiled, runs the blocks' 1×1 convs as Linear layers on maps of at
+    most 14×14 positions (qkv, proj, fc1, fc2; faster backward there, bench/RESULTS.md) and as
+    convolutions on larger maps and in inference. The two depthwise convs stay convolutions."""
     from stvit.models.stvit import LINEAR_MAX_POSITIONS
 
     block = micro_model().layers[2].blocks[0].train()  # global attention (1×1 grid): four 1×1 convs
@@ -264,18 +274,18 @@ def test_compiled_training_runs_small_maps_1x1_convs_as_linear_layers():
         graphs.append(gm)
         return gm.forward
 
-    def ops_in_last_graph() -> tuple[int, int]:
-        targets = [node.target for node in graphs[-1].graph.nodes if node.op == "call_function"]
-        return targets.count(torch._C._nn.linear), targets.count(torch.conv2d)
-
     torch._dynamo.reset()
     compiled = torch.compile(block, backend=backend, dynamic=False)
     dim, side = block.norm2.num_features, int(LINEAR_MAX_POSITIONS ** 0.5)
-    for size, grad, expected in [(side, True, (4, 2)), (side, False, (0, 6)), (side + 1, True, (0, 6))]:
+    for size, grad, linears in [(side, True, 4), (side, False, 0), (side + 1, True, 0)]:
         x = torch.randn(1, dim, size, size).contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(grad):
             compiled(x)
-        assert ops_in_last_graph() == expected, (size, grad)  # the two depthwise convs stay convs
+            with CountConvs() as eager:
+                block(x)
+        targets = [node.target for node in graphs[-1].graph.nodes if node.op == "call_function"]
+        assert (targets.count(torch._C._nn.linear), targets.count(torch.conv2d)) == (linears, 6 - linears), (size, grad)
+        assert eager.count == 6 - linears, (size, grad)
 
 
 def test_train_compile_keeps_every_block_shape_compiled():

@@ -427,13 +427,13 @@ def _onednn_conv_gelu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)``; for a 1×1 conv on a small map in compiled CPU training, the same map as a Linear
-    layer over the channels-last map's (B, H, W, C) view, with the conv's own parameters: its backward
-    is then two GEMMs, where oneDNN's 1×1 convolution backward is slower. One compiled block forward +
-    backward at batch 8: stage 3 (14²) 6–8 % and stage 4 (7²) 19–23 % faster, in bf16 and float32; at
-    56² and 28² no faster, so those maps keep the conv (bench/RESULTS.md). Compiled inference keeps
-    it too (weight freezing prepacks it with its post-ops: the Linear form was 11 % slower there), and
-    so does eager execution."""
+    """``conv(x)``; for a 1×1 conv on a small map in CPU training, the same map as a Linear layer over
+    the channels-last map's (B, H, W, C) view, with the conv's own parameters: its backward is then
+    two GEMMs, where oneDNN's 1×1 convolution backward is slower. One block forward + backward at
+    batch 8, compiled: stage 3 (14²) 6–8 % and stage 4 (7²) 19–23 % faster, in bf16 and float32;
+    eager float32: 4 % and 22 %. At 56² and 28² no faster, so those maps keep the conv
+    (bench/RESULTS.md). Inference keeps it too: compiled, weight freezing prepacks it with its
+    post-ops, and the Linear form was 6 % slower there."""
     if _linear_for_training(conv, x):
         return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
     return conv(x)
@@ -443,9 +443,10 @@ LINEAR_MAX_POSITIONS = 14 * 14  # stages 3 and 4 at 224², and the super-token g
 
 
 def _linear_for_training(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    # Not while torch.fx traces (x is a Proxy) or exports (the graph keeps the model's Conv nodes).
     # A subclass or wrapper (quantized, LoRA) keeps its own forward, and a hooked conv is called.
-    return (torch.compiler.is_compiling() and torch.is_grad_enabled() and not compat.is_exporting()
-            and x.device.type == "cpu" and x.shape[-2] * x.shape[-1] <= LINEAR_MAX_POSITIONS
+    return (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.device.type == "cpu"
+            and x.shape[-2] * x.shape[-1] <= LINEAR_MAX_POSITIONS and not compat.is_exporting()
             and type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
             and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1 and not _hooked(conv))
 
