@@ -76,16 +76,22 @@ def fsdp2_cpu_problem() -> str | None:
             f"without torchrun (python -m train --precision fp32)")
 
 
-# torch.compiler.is_exporting: True while torch.export traces (also for the dynamo ONNX exporter),
-# False eagerly and under torch.compile; STViT writes its padding in an export-safe form then. Added
-# to torch in December 2024 (pytorch/pytorch#142425); looked for rather than assumed, so a torch
-# without it runs the models as before (and exports them for the traced size's padding only).
-_is_exporting = getattr(torch.compiler, "is_exporting", None)
+# Whether torch.export is tracing (also for the dynamo ONNX exporter): True then, False eagerly and
+# under torch.compile; STViT writes its padding in an export-safe form then, and takes its compiled
+# fast paths only when False. Read from torch's own flag, not through torch.compiler.is_exporting():
+# torch 2.11's dynamo folds that call to True under plain torch.compile too (it folds it like
+# is_compiling; torch 2.13 reads the flag), which silently put compiled models on their export
+# paths. Where torch has no flag (before pytorch/pytorch#142425, December 2024), the function if
+# any, else False: such a torch runs the models as before (and exports them for the traced size's
+# padding only).
+_IS_EXPORTING_FUNCTION = getattr(torch.compiler, "is_exporting", None)
 
 
 def is_exporting() -> bool:
-    """``torch.compiler.is_exporting()`` where torch has it, else False."""
-    return _is_exporting is not None and _is_exporting()
+    """True while torch.export traces; False eagerly and under torch.compile, on every torch."""
+    if hasattr(torch.compiler, "_is_exporting_flag"):
+        return bool(torch.compiler._is_exporting_flag)
+    return _IS_EXPORTING_FUNCTION is not None and _IS_EXPORTING_FUNCTION()
 
 
 @functools.cache

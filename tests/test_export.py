@@ -175,3 +175,20 @@ def test_a_torch_too_old_to_export_is_named_before_anything_is_built(tmp_path, c
     with pytest.raises(export.ExportError, match=r"exporting needs torch 2\.8 or newer"):
         export.export_program(stvit.create_model("stvit_tiny").eval(), (64, 64))
     assert not list(tmp_path.iterdir())
+
+
+@needs_export
+def test_is_exporting_is_true_under_torch_export_only():
+    """``compat.is_exporting``: False eagerly and under torch.compile, True while torch.export
+    traces. torch 2.11's dynamo folded ``torch.compiler.is_exporting()`` to True under plain
+    torch.compile, which put every compiled model on its export paths (STViT's "cells" form, its
+    export-safe padding) and off its compiled training paths."""
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            return x + 1 if compat.is_exporting() else x - 1
+
+    probe, x = Probe(), torch.zeros(2)
+    assert probe(x).tolist() == [-1, -1]
+    assert torch.compile(probe, backend="eager", fullgraph=True)(x).tolist() == [-1, -1]
+    assert torch.export.export(probe, (x,)).module()(x).tolist() == [1, 1]
