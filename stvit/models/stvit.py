@@ -9,7 +9,8 @@ forms (:class:`CellTokens`, :class:`MapTokens`).
 Neighbours are gathered by zero-padding the small super-token grid and taking its nine shifted
 views; the adjoint (summing each token's nine contributions back onto the super tokens) is nine
 shifted adds into a padded grid. Both are cheap, exact and differentiable, unlike an identity-
-kernel convolution per channel; eagerly on a CPU each is one indexing op instead.
+kernel convolution per channel; eagerly on a CPU each is one indexing op instead, and compiled
+for training each is the other's backward.
 
 Semantics kept from the authors' code (github hhb072/STViT; the golden tests check each):
 - the association is computed without gradient;
