@@ -177,18 +177,24 @@ def test_a_torch_too_old_to_export_is_named_before_anything_is_built(tmp_path, c
     assert not list(tmp_path.iterdir())
 
 
-def test_is_exporting_is_true_under_torch_export_only():
-    """``compat.is_exporting``: False eagerly and under torch.compile, True while torch.export
-    traces. torch 2.11's dynamo folded ``torch.compiler.is_exporting()`` to True under plain
-    torch.compile, which put every compiled model on its export paths (STViT's "cells" form, its
-    export-safe padding) and off its compiled training paths. A probe any torch exports (not gated
-    on ``needs_export``, which is about these models)."""
+class ExportingProbe(torch.nn.Module):
+    def forward(self, x):
+        return x + 1 if compat.is_exporting() else x - 1
 
-    class Probe(torch.nn.Module):
-        def forward(self, x):
-            return x + 1 if compat.is_exporting() else x - 1
 
-    probe, x = Probe(), torch.zeros(2)
+def test_is_exporting_is_false_eagerly_and_under_torch_compile():
+    """``compat.is_exporting`` is False under torch.compile on every torch. torch 2.11's dynamo folded
+    ``torch.compiler.is_exporting()`` to True under plain torch.compile, which put every compiled model
+    on its export paths (STViT's "cells" form, its export-safe padding) and off its compiled training
+    paths."""
+    probe, x = ExportingProbe(), torch.zeros(2)
     assert probe(x).tolist() == [-1, -1]
     assert torch.compile(probe, backend="eager", fullgraph=True)(x).tolist() == [-1, -1]
-    assert torch.export.export(probe, (x,)).module()(x).tolist() == [1, 1]
+
+
+@needs_export
+def test_is_exporting_is_true_under_torch_export():
+    """...and True while torch.export traces, on a torch that exports the models (torch 2.6 cannot
+    tell: it runs them as it always did)."""
+    x = torch.zeros(2)
+    assert torch.export.export(ExportingProbe(), (x,)).module()(x).tolist() == [1, 1]
