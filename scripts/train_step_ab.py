@@ -5,6 +5,7 @@
     python scripts/train_step_ab.py --change slots        # the association's softmax slot-major vs token-major
     python scripts/train_step_ab.py --change adjoint      # compiled: the neighbours' explicit adjoints vs autograd's
     python scripts/train_step_ab.py --change linear       # training: small maps' 1×1 convs as Linear vs as convolutions
+    python scripts/train_step_ab.py --change bn-units     # bf16 FSDP2: BatchNorms in their blocks' units vs their own
 
 ``neighbours``: STViT's super token neighbours gathered and scattered with one index op each way
 (the eager CPU default) against the nine shifted views (what compiled, exported and CUDA runs use);
@@ -20,7 +21,10 @@ torch.compile) against autograd differentiating the nine shifted views. ``linear
 eager and compiled): the blocks' 1×1 convs on maps of at most 14×14 positions run as Linear layers
 (``pointwise_conv``) against as convolutions. Both time one block of each stage compiled as
 ``train --compile`` compiles it, forward + backward in float32 and under bf16 autocast, and the
-bench's ``train``, ``train-compiled`` and ``train-bf16`` steps.
+bench's ``train``, ``train-compiled`` and ``train-bf16`` steps. ``bn-units`` (``train --precision
+bf16``): each BatchNorm in its block's FSDP2 unit, computing with fp32 copies of its bf16-gathered
+affine parameters (``train.distributed.batch_norm_with_fp32_affine``), against each BatchNorm its own
+fp32 unit; it times the bench's ``train-bf16`` step.
 Batch 8, 224², the bench's allocator setting; issue #19, bench/RESULTS.md.
 """
 
@@ -122,6 +126,24 @@ def training_cases(model: torch.nn.Module, x: torch.Tensor, switch: str, ways: t
     return cases
 
 
+def bn_units_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    # Each way twice, in the order A B B A: whichever step runs first in a round came out a few per cent
+    # slower on this host, and the change is about that size.
+    from bench.throughput import build_step
+    from train import distributed
+
+    env = distributed.one_process_group(torch.device("cpu"))  # what train-bf16 shards in
+    cases = {}
+    for n, (way, own) in enumerate((("in block units", False), ("own fp32 units", True),
+                                    ("own fp32 units", True), ("in block units", False))):
+        # prepare_model reads the predicate once, when build_step shards the copy
+        with mock.patch.object(distributed, "_normalises_in_its_unit", lambda norm, own=own: not own):
+            plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)  # as a user's model
+            cases[f"{way}: train-bf16 step ({'first' if n in (0, 1) else 'second'})"] = build_step(
+                "train-bf16", plain, None, x.contiguous(), torch.device("cpu"), env)
+    return cases
+
+
 def adamw_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
     cases = {}
     for way, fused in (("fused", True), ("loop", False)):
@@ -136,7 +158,7 @@ def adamw_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--change", choices=("neighbours", "adamw", "slots", "adjoint", "linear"), required=True)
+    p.add_argument("--change", choices=("neighbours", "adamw", "slots", "adjoint", "linear", "bn-units"), required=True)
     p.add_argument("--model", default="stvit_small")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
@@ -149,6 +171,7 @@ def main() -> None:
     cases = {"neighbours": neighbours_cases, "adamw": adamw_cases, "slots": slots_cases,
              "adjoint": lambda m, x: training_cases(m, x, "_compiled_with_grad", ("adjoint", "autograd")),
              "linear": lambda m, x: training_cases(m, x, "_linear_for_training", ("linear", "conv")),
+             "bn-units": bn_units_cases,
              }[args.change](model, x)
     for call in cases.values():  # warm up
         call()

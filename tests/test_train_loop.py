@@ -156,7 +156,7 @@ def test_fsdp2_over_cpu_processes_is_refused_where_torch_cannot(monkeypatch):
 
 @needs_cpu_fsdp2
 def test_bf16_mixed_precision_under_fsdp_trains_like_fp32(data, reference, tmp_path):
-    """The GPU default (FSDP2 casting parameters to bf16, BatchNorm kept fp32), run on 2 CPU
+    """The GPU default (FSDP2 casting parameters to bf16, BatchNorm normalising in fp32), run on 2 CPU
     processes: it trains, and its losses stay within bf16 rounding of the fp32 run's."""
     out = tmp_path / "bf16"
     result = run_cli(*RECIPE, "--data-path", str(data), "--batch-size", "4", "--precision", "bf16",
@@ -170,6 +170,97 @@ def test_bf16_mixed_precision_under_fsdp_trains_like_fp32(data, reference, tmp_p
     assert first == pytest.approx(ref_first, rel=5e-3) and second == pytest.approx(ref_second, rel=5e-2)
     weights = final_weights(out)
     assert all(weights[name].dtype == torch.float32 for name in param_names())  # fp32 master weights
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}])
+def test_batch_norm_with_fp32_affine_is_torchs_batch_norm(kwargs):
+    """bf16 FSDP2 runs every BatchNorm in its block's unit through this forward. With fp32 parameters
+    it is torch's own, to the bit (outputs, gradients, running statistics, batch count, train and
+    eval); with the bf16 parameters FSDP2 gathers beside fp32 statistics it runs, as the fp32 layer
+    with those parameters rounded; a deepcopy (an EMA) computes with its own parameters."""
+    import copy
+    from torch import nn
+    from train.distributed import batch_norm_with_fp32_affine
+
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(6, **kwargs)
+    if ref.affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5), ref.bias.normal_()
+    ours = copy.deepcopy(ref)
+    batch_norm_with_fp32_affine(ours)
+    for training in (True, False, True):
+        ref.train(training), ours.train(training)
+        x = torch.randn(4, 6, 5, 5) * 3 + 1
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        outs = [m(xi) for m, xi in zip((ref, ours), xs)]
+        assert torch.equal(outs[0], outs[1])
+        g = torch.randn_like(outs[0])
+        for out in outs:
+            out.backward(g)
+        assert torch.equal(xs[0].grad, xs[1].grad)
+        for a, b in zip(ref.parameters(), ours.parameters()):
+            assert torch.equal(a.grad, b.grad)
+        for (name, a), b in zip(ref.named_buffers(), ours.buffers()):
+            assert torch.equal(a, b), name
+    if not ref.affine:
+        return
+    gathered, rounded = copy.deepcopy(ours).eval(), copy.deepcopy(ref).eval()
+    with torch.no_grad():
+        for p, r in zip(gathered.parameters(), rounded.parameters()):
+            p.data = p.data.bfloat16()  # what FSDP2's bf16 policy hands the layer; its buffers stay fp32
+            r.copy_(p.float())
+    x = torch.randn(4, 6, 5, 5).bfloat16()
+    out = gathered(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), rounded(x.float()), rtol=1e-2, atol=1e-2)  # bf16 output rounding
+    twin = copy.deepcopy(ours).eval()
+    with torch.no_grad():
+        twin.bias.add_(1.0)
+    torch.testing.assert_close(twin(x.float()), ours.eval()(x.float()) + 1.0)  # its own bias, not ours
+
+
+@needs_cpu_fsdp2
+def test_bf16_fsdp_keeps_batch_norms_in_their_compiled_blocks():
+    """Under bf16 FSDP2 no BatchNorm is an FSDP2 unit of its own: its parameters are its block's, and
+    a compiled block is one graph (FSDP2's hooks on a BatchNorm inside it split it in two and ran the
+    norm eagerly). The model computes what the same model with bf16 parameters computes eagerly."""
+    import copy
+    from torch._dynamo.utils import counters
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from stvit.contract import blocks_of
+    from train import distributed
+
+    torch.manual_seed(0)
+    model = stvit.create_model("tiny", num_classes=0).train()  # the pooled features
+    x = torch.randn(4, 3, 64, 64)  # a 2×2 last map: BatchNorm over 2 values would amplify any rounding
+    twin = copy.deepcopy(model).bfloat16()  # the parameters FSDP2 gathers; BatchNorm statistics stay fp32
+    for norm in twin.modules():
+        if isinstance(norm, _BatchNorm):
+            norm.running_mean.data, norm.running_var.data = norm.running_mean.float(), norm.running_var.float()
+            distributed.batch_norm_with_fp32_affine(norm)
+    with torch.no_grad():
+        expected = twin(x.bfloat16()).float()
+    torch._dynamo.reset()
+    counters.clear()
+    env = distributed.one_process_group(torch.device("cpu"))
+    try:
+        fsdp = distributed.prepare_model(copy.deepcopy(model), env, compile_blocks=True, bf16=True,
+                                         compile_backend="eager")
+        norms = [m for m in fsdp.modules() if isinstance(m, _BatchNorm)]
+        assert norms and not any(isinstance(m, FSDPModule) for m in norms)
+        assert all(isinstance(b, FSDPModule) for b in blocks_of(fsdp))
+        out = fsdp(x)
+        out.float().sum().backward()
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert all(p.grad is not None for p in fsdp.parameters())
+    finally:
+        distributed.shutdown()
+        torch._dynamo.reset()
+    assert out.dtype == torch.bfloat16
+    # bf16 rounding at other places (the compiled token form; measured 0.9 %)
+    assert ((out.float() - expected).norm() / expected.norm()).item() < 0.03
 
 
 def test_bf16_without_fsdp_is_a_config_error(data, tmp_path, capsys):

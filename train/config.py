@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "from a compiler one)")
     g.add_argument("--precision", choices=precision.PRECISIONS, default=None,
                    help="bf16: FSDP2 mixed precision (bf16 compute, fp32 weights, optimizer and gradient "
-                   "reduction; BatchNorm kept in fp32); auto (default): bf16 on GPU, fp32 on CPU")
+                   "reduction; BatchNorm normalises in fp32); auto (default): bf16 on GPU, fp32 on CPU")
     g.add_argument("--grad-checkpoint", action="store_true", default=None,
                    help="recompute block activations in backward (large: the authors' first 4/7/15/0 "
                    "blocks per stage; other models: all blocks)")
