@@ -218,7 +218,8 @@ def prepare_model(model: nn.Module, env: DistEnv, compile_blocks: bool = False, 
                               "use --precision fp32")
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    keep_fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    keep_fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                     cast_forward_inputs=False)
     for norm in own_units:
         fully_shard(norm, mesh=env.mesh, mp_policy=keep_fp32)
     mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -237,9 +238,9 @@ def batch_norm_with_fp32_affine(norm: nn.modules.batchnorm._BatchNorm) -> None:
     Under bf16 FSDP2 a BatchNorm is gathered in bf16 with the rest of its block, and the batch norm
     kernels take bf16 parameters only beside bf16 running statistics; ours stay fp32. Only the weight
     and bias are rounded to bf16, as every other parameter (LayerNorm's too); the normalisation runs
-    in fp32 as before. Each BatchNorm its own fp32 unit instead put FSDP2's hooks inside the compiled
-    block around it, which split it in two graphs and ran the norm eagerly: STViT-S's ``train-bf16``
-    step is about 4 % faster this way (bench/RESULTS.md). The forward is bound to the module, so a
+    in fp32 as before. Before, each BatchNorm was an fp32 unit of its own, and FSDP2's hooks on it split
+    the compiled block around it in two graphs with the norm run eagerly between them; STViT-S's
+    ``train-bf16`` step is about 4 % faster this way (bench/RESULTS.md). The forward is bound to the module, so a
     ``copy.deepcopy`` of the model (an EMA) computes with its own parameters; the state dict is unchanged.
     """
     norm.forward = types.MethodType(_batch_norm_fp32_affine, norm)
