@@ -127,8 +127,8 @@ def training_cases(model: torch.nn.Module, x: torch.Tensor, switch: str, ways: t
 
 
 def bn_units_cases(model: torch.nn.Module, x: torch.Tensor) -> dict:
-    # Each way twice, in the order A B B A: whichever step runs first in a round came out a few per cent
-    # slower on this host, and the change is about that size.
+    # Each way twice, in the order A B B A: each way is then timed once after itself and once after the
+    # other, and from two copies (the change is about 4 %, within a plain A/B run's spread here).
     from bench.throughput import build_step
     from train import distributed
 
