@@ -1,5 +1,5 @@
-"""STViT's convolutions on a CPU: where their time goes, and rewrites timed against oneDNN's kernels
-(issue #19; of the rewrites only the GELU post-op is kept).
+"""STViT's (and LVT's) convolutions on a CPU: where their time goes, and rewrites timed against oneDNN's
+kernels (issue #19; of the rewrites the GELU post-op and LVT's padded map are kept).
 
 ``census``: every convolution of each model (STViT-S and ConvNeXt-T by default), eager bf16 in
 channels-last as the compiled model runs them, timed alone at its input shape; totals by kind
@@ -15,13 +15,20 @@ freezing, bf16), by oneDNN against nine shifted multiply-adds that inductor fuse
 ``linear-model``: the whole STViT-S compiled bf16 by ``stvit.optimize``, its 1×1 convs as they are
 against ``F.linear`` on the NHWC view.
 
+``dilated``: LVT's RASA query conv (a depthwise 3×3 at dilation and padding 1, 3, 5, shared kernel),
+fp32: each rate's conv with its padding inside the conv (the only way before) against the map padded
+beforehand; then the whole ``lvt_cls`` eager and compiled by ``stvit.optimize`` with each form (now:
+the map padded beforehand from rate ``PAD_EXPLICITLY_FROM_RATE`` on, on a CPU; kept). Run it also
+as an AVX2-only CPU computes it (``ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+ATEN_CPU_CAPABILITY=avx2``, bench/RESULTS.md), where oneDNN falls back to im2col + GEMM for padding 5.
+
 ``gelu-postop``: the whole STViT-S eager fp32 (eval, no_grad) as a user runs it, each conv -> GELU
 (the ConvFFN's fc1 and the stem's) as one oneDNN convolution with GELU as its post-op
 (``stvit.models.stvit.conv_gelu``, kept) against the two ops it replaced.
 
 Batch 8, 2 threads, the bench's allocator setting; each pair timed in the same interleaved rounds.
 
-    python scripts/conv_forms_ab.py depthwise|pointwise|linear-model|gelu-postop [--rounds 9]
+    python scripts/conv_forms_ab.py depthwise|pointwise|linear-model|dilated|gelu-postop [--rounds 9]
     PYTHONPATH=tests/site python scripts/conv_forms_ab.py census [--models stvit_small timm:convnext_tiny]
 """
 
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import types
 from collections import Counter
 from unittest import mock
 
@@ -39,6 +47,7 @@ from torch._inductor import config as inductor_config
 
 import stvit
 from bench.common import create_model, time_interleaved, tune_cpu_allocator
+from stvit.models import lvt as lvt_family
 from stvit.models import stvit as stvit_family
 from stvit.optimize import CPU_INFERENCE_OPTIONS
 
@@ -193,6 +202,38 @@ def linear_model(rounds: int) -> None:
              torch.randn(8, 3, 224, 224), rounds)
 
 
+def dilated(rounds: int) -> None:
+    for C, H in ((64, 28), (160, 14), (256, 7)):  # lvt_cls's RASA stages
+        x = torch.randn(8, C, H, H).to(memory_format=torch.channels_last)
+        weight = torch.randn(C, 1, 3, 3)
+        calls = []
+        for rate in (1, 3, 5):
+            calls += [lambda r=rate: F.conv2d(x, weight, None, 1, r, r, C),
+                      lambda r=rate: F.conv2d(F.pad(x, (r, r, r, r)), weight, None, 1, 0, r, C)]
+        with torch.no_grad():
+            for call in calls:
+                call(), call()
+            timings = time_interleaved(calls, CPU, runs=rounds)
+        for rate, (inside, before) in zip((1, 3, 5), zip(timings[::2], timings[1::2])):
+            print(f"dilated depthwise {C:4d} ch @ {H:2d}² rate {rate}  padding in the conv "
+                  f"{inside.median_s * 1e3:6.3f} ms  map padded before {before.median_s * 1e3:6.3f} ms")
+    model = stvit.create_model("lvt_cls").eval()
+    before = copy.deepcopy(model)
+    for module in before.modules():
+        if isinstance(module, lvt_family.DilatedQueryConv):
+            module.conv = types.MethodType(_padding_in_the_conv, module)
+    x = torch.randn(8, 3, 224, 224)
+    print("lvt_cls fp32, batch 8: eager")
+    _compare("padding in the conv", before, "map padded from rate 5 (now)", model, x, rounds)
+    print("lvt_cls fp32, batch 8: compiled (stvit.optimize)")
+    _compare("padding in the conv", stvit.optimize(before), "map padded from rate 5 (now)", stvit.optimize(model),
+             x, rounds)
+
+
+def _padding_in_the_conv(self, q: torch.Tensor, rate: int) -> torch.Tensor:
+    return F.conv2d(q, self.weight, self.bias, padding=rate, dilation=rate, groups=self.dim)
+
+
 def gelu_postop(rounds: int) -> None:
     model = stvit.create_model("stvit_small").eval()
 
@@ -206,7 +247,7 @@ def gelu_postop(rounds: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("census", "depthwise", "pointwise", "linear-model", "gelu-postop"))
+    p.add_argument("what", choices=("census", "depthwise", "pointwise", "linear-model", "dilated", "gelu-postop"))
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--models", nargs="+", default=["stvit_small", "timm:convnext_tiny"], help="for census")
@@ -216,7 +257,7 @@ def main() -> None:
     if args.what == "census":
         census(args.rounds, args.models)
     else:
-        {"depthwise": depthwise, "pointwise": pointwise, "linear-model": linear_model,
+        {"depthwise": depthwise, "pointwise": pointwise, "linear-model": linear_model, "dilated": dilated,
          "gelu-postop": gelu_postop}[args.what](args.rounds)
 
 

@@ -469,3 +469,28 @@ def test_csa_unfold_and_fold_are_torchs(H, W):
     cols = slots.permute(0, 5, 3, 4, 1, 2).reshape(2, 5 * 9, h * w)
     expected = F.fold(cols, (H, W), 3, padding=1, stride=2).permute(0, 2, 3, 1)
     torch.testing.assert_close(L.scatter_slots(slots, H, W), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rate", [1, 3, 4, 5, 6])
+@pytest.mark.parametrize("side", [7, 14])
+def test_rasa_query_conv_pads_the_map_itself_from_rate_5_on_a_cpu(rate, side):
+    """From ``PAD_EXPLICITLY_FROM_RATE`` on, the atrous conv convolves the map padded beforehand
+    (oneDNN's depthwise kernels fall back to im2col + GEMM for wider implicit padding on AVX2):
+    the same values and gradients as the conv with its padding inside, in float64."""
+    import torch.nn.functional as F
+    from unittest import mock
+    g = torch.Generator().manual_seed(rate * 100 + side)
+    conv = L.DilatedQueryConv(4, (rate,), bias=True).double()
+    with torch.no_grad():
+        conv.bias.copy_(torch.randn(4, dtype=torch.float64, generator=g))
+    q = torch.randn(2, 4, side, side, dtype=torch.float64, generator=g).requires_grad_()
+    with mock.patch.object(L.F, "pad", wraps=F.pad) as pad:
+        out = conv.conv(q, rate)
+    assert pad.call_count == (rate >= L.PAD_EXPLICITLY_FROM_RATE)
+    q2 = q.detach().clone().requires_grad_()
+    expected = F.conv2d(q2, conv.weight, conv.bias, padding=rate, dilation=rate, groups=4)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(q.grad, q2.grad, rtol=1e-12, atol=1e-12)

@@ -237,6 +237,12 @@ class CSA(nn.Module):
         return self.proj_drop(self.proj(scatter_slots(out, H, W)))
 
 
+# From this dilation rate on, DilatedQueryConv pads the map itself on a CPU: oneDNN's depthwise kernels
+# take at most 4 rows and columns of implicit zero padding with AVX2 (and rate 5 not on a 7² map with
+# AVX-512); past that it computes the conv as im2col + GEMM or a generic kernel, 10-60× slower.
+PAD_EXPLICITLY_FROM_RATE = 5
+
+
 class DilatedQueryConv(nn.Module):
     """RASA's atrous query context (official ``ds_conv2d``): Σ_r act(depthwise3×3(q, dilation r)),
     on NCHW, with one (C, 1, 3, 3) kernel shared by every rate; the activation is applied per rate."""
@@ -261,9 +267,17 @@ class DilatedQueryConv(nn.Module):
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         out = 0
-        for r in self.rates:  # padding = dilation keeps the size for any rate
-            out = out + self.act(F.conv2d(q, self.weight, self.bias, padding=r, dilation=r, groups=self.dim))
+        for r in self.rates:
+            out = out + self.act(self.conv(q, r))
         return out
+
+    def conv(self, q: torch.Tensor, rate: int) -> torch.Tensor:
+        """The depthwise conv at one rate, zero padding ``rate`` keeping the size; on a CPU from
+        ``PAD_EXPLICITLY_FROM_RATE`` on, the same conv of the map padded beforehand (bench/RESULTS.md)."""
+        padding = rate
+        if rate >= PAD_EXPLICITLY_FROM_RATE and isinstance(q, torch.Tensor) and q.device.type == "cpu":
+            q, padding = F.pad(q, (rate, rate, rate, rate)), 0
+        return F.conv2d(q, self.weight, self.bias, padding=padding, dilation=rate, groups=self.dim)
 
     def extra_repr(self) -> str:
         return f"rates={self.rates}"
