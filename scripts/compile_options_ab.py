@@ -5,7 +5,8 @@ Times ``bench throughput``'s ``train-compiled`` step (every block compiled by
 it is and with no options (torch's defaults); with ``--blocks``, instead, one block per stage
 (the first block of each input shape), forward + backward, eager and compiled both ways; with
 ``--inference fp32|bf16``, ``stvit.optimize``'s model on a CPU with ``CPU_INFERENCE_OPTIONS`` as they
-are, without the C++ wrapper, and with inductor's max-autotune (its C++ GEMM templates, AMX
+are, without the C++ wrapper, with inductor's layout optimisation on (torch's default), and with
+inductor's max-autotune (its C++ GEMM templates, AMX
 micro-kernels where the CPU has them, tried against ATen's kernel for every matrix product).
 Every model × variant is timed in the same interleaved rounds.
 
@@ -13,6 +14,7 @@ Every model × variant is timed in the same interleaved rounds.
         timm:swin_tiny_patch4_window7_224
     python scripts/compile_options_ab.py --models stvit_small --blocks
     python scripts/compile_options_ab.py --models stvit_small --inference bf16 --batch 1
+    python scripts/compile_options_ab.py --models lvt_cls stvit_small --inference fp32 --variants options "layout optimisation"
 """
 
 from __future__ import annotations
@@ -88,14 +90,22 @@ def block_cases(name: str, batch: int) -> list[tuple[str, Callable]]:
     return cases
 
 
-def inference_cases(name: str, batch: int, dtype: str) -> list[tuple[str, Callable]]:
+# ``--inference``: CPU_INFERENCE_OPTIONS with these changed.
+INFERENCE_VARIANTS = {
+    "options": {},
+    "python wrapper": {"cpp_wrapper": False},
+    "layout optimisation": {"layout_optimization": True},  # inductor's default
+    "max autotune": {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"},
+}
+
+
+def inference_cases(name: str, batch: int, dtype: str, variants: list[str]) -> list[tuple[str, Callable]]:
     model = create_model(name)[1].eval()
     x = torch.randn(batch, 3, 224, 224)
     ours = optimize_module.CPU_INFERENCE_OPTIONS
     cases = []
-    autotune = {**ours, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
-    for variant, options in (("options", ours), ("python wrapper", {**ours, "cpp_wrapper": False}),
-                             ("max autotune", autotune)):
+    for variant in variants:
+        options = {**ours, **INFERENCE_VARIANTS[variant]}
         fast = stvit.optimize(model, dtype)
         with mock.patch.object(optimize_module, "CPU_INFERENCE_OPTIONS", options):  # what the first call compiles with
             fast(x)
@@ -109,6 +119,8 @@ def main() -> None:
     p.add_argument("--blocks", action="store_true", help="time one block per stage instead of the whole step")
     p.add_argument("--inference", choices=("fp32", "bf16"),
                    help="time stvit.optimize's inference model (this precision) instead of training")
+    p.add_argument("--variants", nargs="+", choices=list(INFERENCE_VARIANTS), default=list(INFERENCE_VARIANTS),
+                   help="with --inference: which (default: all)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
@@ -119,7 +131,7 @@ def main() -> None:
     cases = []
     for name in args.models:
         if args.inference:
-            named = inference_cases(name, args.batch, args.inference)
+            named = inference_cases(name, args.batch, args.inference, args.variants)
         else:
             named = (block_cases if args.blocks else step_cases)(name, args.batch)
         for label, run in named:

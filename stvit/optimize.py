@@ -70,8 +70,13 @@ def fold_bn_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
 #   adds into the convolutions and folds the autocast weight casts;
 # - cpp_wrapper: the generated code calls its kernels (about 260 per STViT-S forward, with some 180
 #   buffer allocations) from C++, not from Python: 2.3 ms of STViT-S's 33 ms at batch 1 in bf16
-#   (bench/RESULTS.md).
-CPU_INFERENCE_OPTIONS = {"freezing": True, "cpp_wrapper": True}
+#   (bench/RESULTS.md);
+# - layout_optimization off: optimize() already gives every conv channels-last weights and inputs, and
+#   inductor's own pass (which picks a layout for a whole graph with convolutions) then changes nothing
+#   for STViT, SG-Former, So-ViT, SoT, ConvNeXt or Swin (the same kernels, outputs and times), while on
+#   LVT, whose blocks keep (B, H, W, C) token maps and view them as NCHW only around their convs, it
+#   made the compiled forward 13-15 % slower (bench/RESULTS.md).
+CPU_INFERENCE_OPTIONS = {"freezing": True, "cpp_wrapper": True, "layout_optimization": False}
 
 
 class OptimizedModel(nn.Module):

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import stvit
 from stvit import compat, precision
 from stvit.models.stvit import ResidualDepthwiseConv
-from stvit.optimize import OptimizedModel, fold_bn_conv, fold_conv_bn, optimize
+from stvit.optimize import CPU_INFERENCE_OPTIONS, OptimizedModel, fold_bn_conv, fold_conv_bn, optimize
 
 FP32_TOL = 1e-4
 BF16_TOL = 5e-2
@@ -179,12 +179,25 @@ def check_compiled_per_shape(model: nn.Module, fast: OptimizedModel, device: tor
         assert torch.equal(out, copy_then)
 
 
-def test_compiled_matches_eager_and_recompiles_for_a_new_shape(device):
+def test_compiled_matches_eager_and_recompiles_for_a_new_shape(device, monkeypatch):
     torch._dynamo.reset()
     model = two_stage_micro_model(device)
     fast = optimize(model)  # fp32, torch.compile (CPU: with weight freezing; CUDA: + CUDA graphs)
     assert fast.cuda_graphs == (device.type == "cuda")
+    # On a CPU every compilation runs with optimize's inductor options (torch.compile(options=...) would
+    # not reach freezing): what inductor's config says when its entry point is called.
+    from torch._inductor import compile_fx, config
+    seen = []
+    entry = compile_fx.compile_fx
+
+    def recording(*args, **kwargs):
+        seen.append({key: getattr(config, key) for key in CPU_INFERENCE_OPTIONS})
+        return entry(*args, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "compile_fx", recording)
     check_compiled_per_shape(model, fast, device, FP32_TOL)
+    if device.type == "cpu":
+        assert len(seen) == len(set(TWO_SHAPES)) and all(s == CPU_INFERENCE_OPTIONS for s in seen), seen
 
 
 def test_compiled_bf16_matches_eager_fp32(device):
