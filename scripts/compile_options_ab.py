@@ -90,7 +90,7 @@ def block_cases(name: str, batch: int) -> list[tuple[str, Callable]]:
     return cases
 
 
-# ``--inference``: CPU_INFERENCE_OPTIONS with these changed.
+# ``--inference``: CPU_INFERENCE_OPTIONS (and the family's inference_compile_options) with these changed.
 INFERENCE_VARIANTS = {
     "options": {},
     "python wrapper": {"cpp_wrapper": False},
@@ -107,6 +107,9 @@ def inference_cases(name: str, batch: int, dtype: str, variants: list[str]) -> l
     for variant in variants:
         options = {**ours, **INFERENCE_VARIANTS[variant]}
         fast = stvit.optimize(model, dtype)
+        # The variant over the family's own options too (LVT's inference_compile_options).
+        fast.model.inference_compile_options = {**getattr(fast.model, "inference_compile_options", {}),
+                                                **INFERENCE_VARIANTS[variant]}
         with mock.patch.object(optimize_module, "CPU_INFERENCE_OPTIONS", options):  # what the first call compiles with
             fast(x)
         cases.append((f"{variant} {dtype}", lambda fast=fast: fast(x)))

@@ -23,6 +23,8 @@ rng)``                                default: soft-target cross-entropy of ``fo
                                       draws its randomness from ``rng`` (a ``random.Random``)
 ``prepare_inference()``               optional: fold what eval mode makes foldable (BatchNorm…) in
                                       place; returns the names of what it folded (``stvit.optimize``)
+``inference_compile_options``         inductor options ``stvit.optimize`` adds to its own when it
+                                      compiles the model for a CPU (default none; LVT's)
 ``forward_intermediates(x,            timm's feature API: the maps of the levels ``feature_info``
 indices=None, norm=False,             lists (stages, or the blocks of an isotropic ViT), NCHW, and
 stop_early=False, output_fmt='NCHW',  the final features: ``(final, [maps])``, or ``[maps]`` with
@@ -229,6 +231,7 @@ class ModelBase(nn.Module):
     num_features: int = 0
     head_hidden_size: int = 0
     features_only: bool = False
+    inference_compile_options: dict = {}  # read-only: a family that needs options sets its own dict
 
     @property
     def default_cfg(self) -> dict:

@@ -70,13 +70,9 @@ def fold_bn_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
 #   adds into the convolutions and folds the autocast weight casts;
 # - cpp_wrapper: the generated code calls its kernels (about 260 per STViT-S forward, with some 180
 #   buffer allocations) from C++, not from Python: 2.3 ms of STViT-S's 33 ms at batch 1 in bf16
-#   (bench/RESULTS.md);
-# - layout_optimization off: optimize() already gives every conv channels-last weights and inputs, and
-#   inductor's own pass (which picks a layout for a whole graph with convolutions) then changes nothing
-#   for STViT, SG-Former, So-ViT, SoT, ConvNeXt or Swin (the same kernels, outputs and times), while on
-#   LVT, whose blocks keep (B, H, W, C) token maps and view them as NCHW only around their convs, it
-#   made the compiled forward 13-15 % slower (bench/RESULTS.md).
-CPU_INFERENCE_OPTIONS = {"freezing": True, "cpp_wrapper": True, "layout_optimization": False}
+#   (bench/RESULTS.md).
+# A family adds its own in ``inference_compile_options`` (the model contract; LVT's).
+CPU_INFERENCE_OPTIONS = {"freezing": True, "cpp_wrapper": True}
 
 
 class OptimizedModel(nn.Module):
@@ -100,7 +96,7 @@ class OptimizedModel(nn.Module):
         # Set past nn.Module's bookkeeping: the compiled wrapper is not a second submodule (it would
         # duplicate every state-dict key); it only wraps self.model.
         object.__setattr__(self, "_run", _compile(model, cuda_graphs) if compiled else model)
-        # CPU: inductor's options for inference (CPU_INFERENCE_OPTIONS), on whenever a call may
+        # CPU: inductor's options for inference (CPU_INFERENCE_OPTIONS and the family's), on whenever a call may
         # (re)compile; torch.compile(options=...) does not reach freezing, so patch.
         self._cpu_inductor = compiled and not cuda_graphs and self.device.type == "cpu"
         super().train(False)
@@ -115,7 +111,8 @@ class OptimizedModel(nn.Module):
             if self._cpu_inductor:
                 from torch._inductor import config as inductor_config  # imported only when compiling
 
-                with inductor_config.patch(CPU_INFERENCE_OPTIONS):
+                options = {**CPU_INFERENCE_OPTIONS, **getattr(self.model, "inference_compile_options", {})}
+                with inductor_config.patch(options):
                     out = self._run(x)
             else:
                 out = self._run(x)

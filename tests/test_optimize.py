@@ -182,22 +182,25 @@ def check_compiled_per_shape(model: nn.Module, fast: OptimizedModel, device: tor
 def test_compiled_matches_eager_and_recompiles_for_a_new_shape(device, monkeypatch):
     torch._dynamo.reset()
     model = two_stage_micro_model(device)
+    # A family's own inductor options (the contract's inference_compile_options, LVT's) join optimize's.
+    model.inference_compile_options = {"layout_optimization": False}
     fast = optimize(model)  # fp32, torch.compile (CPU: with weight freezing; CUDA: + CUDA graphs)
     assert fast.cuda_graphs == (device.type == "cuda")
-    # On a CPU every compilation runs with optimize's inductor options (torch.compile(options=...) would
-    # not reach freezing): what inductor's config says when its entry point is called.
+    # On a CPU every compilation runs with those options (torch.compile(options=...) would not reach
+    # freezing): what inductor's config says when its entry point is called.
     from torch._inductor import compile_fx, config
+    expected = {**CPU_INFERENCE_OPTIONS, "layout_optimization": False}
     seen = []
     entry = compile_fx.compile_fx
 
     def recording(*args, **kwargs):
-        seen.append({key: getattr(config, key) for key in CPU_INFERENCE_OPTIONS})
+        seen.append({key: getattr(config, key) for key in expected})
         return entry(*args, **kwargs)
 
     monkeypatch.setattr(compile_fx, "compile_fx", recording)
     check_compiled_per_shape(model, fast, device, FP32_TOL)
     if device.type == "cpu":
-        assert len(seen) == len(set(TWO_SHAPES)) and all(s == CPU_INFERENCE_OPTIONS for s in seen), seen
+        assert len(seen) == len(set(TWO_SHAPES)) and all(s == expected for s in seen), seen
 
 
 def test_compiled_bf16_matches_eager_fp32(device):

@@ -577,6 +577,11 @@ class LVT(ModelBase):
     is the class token's width (the pre-logits, as timm's VOLO).
     """
 
+    # stvit.optimize's CPU compile without inductor's layout optimisation: the blocks keep (B, H, W, C)
+    # token maps and view them as NCHW only around their convs; the pass, which picks one layout for a
+    # graph with convolutions, made the compiled forward 13-15 % slower (bench/RESULTS.md).
+    inference_compile_options = {"layout_optimization": False}
+
     def __init__(self, layers: Sequence[int] = (2, 2, 2, 2), embed_dims: Sequence[int] = (64, 64, 160, 256),
                  num_heads: Sequence[int] = (2, 2, 5, 8), mlp_ratios: Sequence[float] = (4, 8, 4, 4),
                  mlp_depconv: Sequence[bool] = (False, True, True, True), sr_ratios: Sequence[int] = (8, 4, 2, 1),
