@@ -2,7 +2,7 @@
 
 Inference (the default): each piece is compiled on its own as ``stvit.optimize`` compiles a whole
 model (eval, BatchNorm folded where the family folds it, channels-last,
-``stvit.optimize.CPU_INFERENCE_OPTIONS``, bf16 autocast unless --fp32). Pieces compiled apart lose
+``stvit.optimize.cpu_inference_options``, bf16 autocast unless --fp32). Pieces compiled apart lose
 the fusions across their borders, so the totals run a little below ``bench throughput``'s img/s.
 
 ``--train``: each piece's fp32 forward + backward in training mode, as ``bench throughput``'s
@@ -27,11 +27,13 @@ from torch._inductor import config as inductor_config
 
 import stvit
 from bench.common import time_interleaved, tune_cpu_allocator
-from stvit.optimize import CPU_INFERENCE_OPTIONS
+from stvit.optimize import cpu_inference_options
 from train import distributed
 
 
-def pieces(name: str, train: bool = False, compile_blocks: bool = False) -> list[tuple[str, nn.Module]]:
+def pieces(name: str, train: bool = False,
+           compile_blocks: bool = False) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
+    """The model, and its pieces in order."""
     if name.startswith("timm:"):
         import timm
         m = timm.create_model(name[5:])
@@ -46,7 +48,7 @@ def pieces(name: str, train: bool = False, compile_blocks: bool = False) -> list
     m.train(train).requires_grad_(train).to(memory_format=torch.channels_last)
     if compile_blocks:  # in place: the pieces below are the model's own modules
         distributed.prepare_model(m, distributed.DistEnv(device=torch.device("cpu")), compile_blocks=True)
-    return [("stem", stem)] + [(f"stage {i + 1}", s) for i, s in enumerate(stages)] + [("head", head)]
+    return m, [("stem", stem)] + [(f"stage {i + 1}", s) for i, s in enumerate(stages)] + [("head", head)]
 
 
 def forward_backward(piece: nn.Module, x: torch.Tensor, input_grad: bool):
@@ -78,18 +80,20 @@ def main() -> None:
     tune_cpu_allocator()  # as bench throughput runs
     amp = torch.autocast("cpu", torch.bfloat16, enabled=not (args.fp32 or args.train))
     cases = []  # (model, piece, the call timed)
-    options = {} if args.train else CPU_INFERENCE_OPTIONS  # training compiles as train does
-    with (nullcontext() if args.train else torch.no_grad()), amp, inductor_config.patch(options):
+    with (nullcontext() if args.train else torch.no_grad()), amp:
         for name in args.models:
             x = torch.randn(args.batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-            for piece, module in pieces(name, args.train, args.compile_blocks):
+            model, named = pieces(name, args.train, args.compile_blocks)
+            options = {} if args.train else cpu_inference_options(model)  # training compiles as train does
+            for piece, module in named:
                 if args.train:
                     call = forward_backward(module, x, input_grad=piece != "stem")
                 else:
                     compiled = torch.compile(module, dynamic=False)
                     call = lambda c=compiled, x=x: c(x)  # noqa: E731
-                call()  # compile, then warm up
-                call()
+                with inductor_config.patch(options):
+                    call()  # compile, then warm up
+                    call()
                 cases.append((name, piece, call))
                 with torch.no_grad():
                     x = module(x)

@@ -75,6 +75,12 @@ def fold_bn_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
 CPU_INFERENCE_OPTIONS = {"freezing": True, "cpp_wrapper": True}
 
 
+def cpu_inference_options(model: nn.Module) -> dict:
+    """Inductor's options for compiling ``model`` for CPU inference: CPU_INFERENCE_OPTIONS and the
+    model's ``inference_compile_options``, which win."""
+    return {**CPU_INFERENCE_OPTIONS, **getattr(model, "inference_compile_options", {})}
+
+
 class OptimizedModel(nn.Module):
     """What :func:`optimize` returns: a frozen inference copy of a model, called like the original.
 
@@ -111,8 +117,7 @@ class OptimizedModel(nn.Module):
             if self._cpu_inductor:
                 from torch._inductor import config as inductor_config  # imported only when compiling
 
-                options = {**CPU_INFERENCE_OPTIONS, **getattr(self.model, "inference_compile_options", {})}
-                with inductor_config.patch(options):
+                with inductor_config.patch(cpu_inference_options(self.model)):
                     out = self._run(x)
             else:
                 out = self._run(x)
