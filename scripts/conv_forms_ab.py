@@ -5,6 +5,14 @@ kernels (issue #19; of the rewrites the GELU post-op and LVT's padded map are ke
 channels-last as the compiled model runs them, timed alone at its input shape; totals by kind
 (depthwise, 1×1, dense k×k).
 
+``floor``: for each model, its compiled bf16 forward (``stvit.optimize``, as ``bench throughput``'s
+``compiled-bf16``) against the same model's convolutions and Linear layers alone: every one called
+once on an input of its shape in the model, bf16, in the layout the compiled model gives it, both
+eagerly and compiled as ``optimize`` compiles (weight freezing: prepacked oneDNN weights), all timed
+in the same interleaved rounds. What is left is the rest of the forward (norms, attention products and
+softmax, association, element-wise work). STViT-S's convolutions alone against ConvNeXt-T's whole
+forward is the question of issue #19's compiled-bf16 column.
+
 ``depthwise``: the residual depthwise 3×3 conv, compiled as ``stvit.optimize`` compiles (weight
 freezing, bf16), by oneDNN against nine shifted multiply-adds that inductor fuses into one loop
 (the taps stored tap-major, so each loads contiguous channels).
@@ -29,7 +37,7 @@ ATEN_CPU_CAPABILITY=avx2``, bench/RESULTS.md), where oneDNN falls back to im2col
 Batch 8, 2 threads, the bench's allocator setting; each pair timed in the same interleaved rounds.
 
     python scripts/conv_forms_ab.py depthwise|pointwise|linear-model|dilated|gelu-postop [--rounds 9]
-    PYTHONPATH=tests/site python scripts/conv_forms_ab.py census [--models stvit_small timm:convnext_tiny]
+    PYTHONPATH=tests/site python scripts/conv_forms_ab.py census|floor [--models stvit_small timm:convnext_tiny]
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ import stvit
 from bench.common import create_model, time_interleaved, tune_cpu_allocator
 from stvit.models import lvt as lvt_family
 from stvit.models import stvit as stvit_family
-from stvit.optimize import CPU_INFERENCE_OPTIONS
+from stvit.optimize import CPU_INFERENCE_OPTIONS, optimize
 
 CPU = torch.device("cpu")
 
@@ -164,6 +172,69 @@ def census(rounds: int, models: list[str]) -> None:
               + f"; all {sum(kinds.values()):.1f}")
 
 
+def library_layers(model: nn.Module, x: torch.Tensor) -> list:
+    """Every Conv2d and Linear call of ``model(x)`` in order, as calls on fresh bf16 inputs of the
+    same shapes (channels-last maps for the convs, as the compiled model runs them)."""
+    seen: list = []
+    hooks = [m.register_forward_hook(lambda layer, inputs, _out: seen.append((layer, inputs[0].shape)))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()  # before the copies below, which would carry the hooks with them
+    calls = []
+    for layer, shape in seen:
+        layer, x = copy.deepcopy(layer).to(torch.bfloat16), torch.randn(shape, dtype=torch.bfloat16)
+        if isinstance(layer, nn.Conv2d):
+            layer, x = layer.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        calls.append((layer, x))
+    return calls
+
+
+class LayersAlone(nn.Module):
+    """The layers of :func:`library_layers`, each called on its own input (inputs, not buffers: weight
+    freezing would fold a layer of constants away)."""
+
+    def __init__(self, layers: list):
+        super().__init__()
+        self.layers = nn.ModuleList(layer for layer, _ in layers)
+
+    def forward(self, *xs: torch.Tensor) -> list[torch.Tensor]:
+        return [layer(x) for layer, x in zip(self.layers, xs)]
+
+
+def floor(rounds: int, models: list[str]) -> None:
+    x = torch.randn(8, 3, 224, 224)
+    cases, labels = [], []
+    for name in models:
+        _, model = create_model(name)
+        model.eval()
+        if hasattr(model, "prepare_inference"):
+            model.prepare_inference()  # as optimize() runs it: BatchNorms folded
+        layers = library_layers(model, x)
+        inputs = [x for _, x in layers]
+        alone = LayersAlone(layers).requires_grad_(False)
+        with inductor_config.patch(CPU_INFERENCE_OPTIONS):
+            compiled = torch.compile(alone, dynamic=False)
+            with torch.no_grad():
+                compiled(*inputs)  # compiled here, under the options
+        fast = optimize(copy.deepcopy(model), torch.bfloat16)
+        cases += [lambda fast=fast: fast(x), lambda alone=alone, inputs=inputs: alone(*inputs),
+                  lambda compiled=compiled, inputs=inputs: compiled(*inputs)]
+        labels += [f"{name}: compiled bf16 forward", f"{name}: its {len(layers)} convolutions and Linear layers, eager",
+                   f"{name}: the same layers compiled (prepacked weights)"]
+    with torch.no_grad():
+        for case in cases:
+            case(), case()
+        timings = time_interleaved(cases, CPU, runs=rounds)
+    print(f"batch 8, 224², median of {rounds} interleaved rounds, ms (fastest-slowest)")
+    for label, t in zip(labels, timings):
+        print(f"  {label:72s} {t.median_s * 1e3:7.1f} ({t.min_s * 1e3:.1f}-{t.max_s * 1e3:.1f})")
+    for name, whole, compiled in zip(models, timings[::3], timings[2::3]):
+        print(f"  {name}: the rest of the forward (compiled forward - compiled layers) "
+              f"{(whole.median_s - compiled.median_s) * 1e3:.1f}")
+
+
 class PointwiseAsLinear(nn.Module):
     """A 1×1 conv as ``F.linear`` on the channels-last map's NHWC view (ConvNeXt's MLP layout)."""
 
@@ -247,15 +318,15 @@ def gelu_postop(rounds: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("census", "depthwise", "pointwise", "linear-model", "dilated", "gelu-postop"))
+    p.add_argument("what", choices=("census", "floor", "depthwise", "pointwise", "linear-model", "dilated", "gelu-postop"))
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--models", nargs="+", default=["stvit_small", "timm:convnext_tiny"], help="for census")
+    p.add_argument("--models", nargs="+", default=["stvit_small", "timm:convnext_tiny"], help="for census and floor")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tune_cpu_allocator()
-    if args.what == "census":
-        census(args.rounds, args.models)
+    if args.what in ("census", "floor"):
+        {"census": census, "floor": floor}[args.what](args.rounds, args.models)
     else:
         {"depthwise": depthwise, "pointwise": pointwise, "linear-model": linear_model, "dilated": dilated,
          "gelu-postop": gelu_postop}[args.what](args.rounds)
