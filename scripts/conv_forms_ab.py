@@ -57,7 +57,7 @@ import stvit
 from bench.common import create_model, time_interleaved, tune_cpu_allocator
 from stvit.models import lvt as lvt_family
 from stvit.models import stvit as stvit_family
-from stvit.optimize import CPU_INFERENCE_OPTIONS, optimize
+from stvit.optimize import CPU_INFERENCE_OPTIONS, cpu_inference_options, optimize
 
 CPU = torch.device("cpu")
 
@@ -184,10 +184,10 @@ def library_layers(model: nn.Module, x: torch.Tensor) -> list:
         h.remove()  # before the copies below, which would carry the hooks with them
     calls = []
     for layer, shape in seen:
-        layer, x = copy.deepcopy(layer).to(torch.bfloat16), torch.randn(shape, dtype=torch.bfloat16)
+        layer, inp = copy.deepcopy(layer).to(torch.bfloat16), torch.randn(shape, dtype=torch.bfloat16)
         if isinstance(layer, nn.Conv2d):
-            layer, x = layer.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-        calls.append((layer, x))
+            layer, inp = layer.to(memory_format=torch.channels_last), inp.contiguous(memory_format=torch.channels_last)
+        calls.append((layer, inp))
     return calls
 
 
@@ -212,9 +212,9 @@ def floor(rounds: int, models: list[str]) -> None:
         if hasattr(model, "prepare_inference"):
             model.prepare_inference()  # as optimize() runs it: BatchNorms folded
         layers = library_layers(model, x)
-        inputs = [x for _, x in layers]
+        inputs = [inp for _, inp in layers]
         alone = LayersAlone(layers).requires_grad_(False)
-        with inductor_config.patch(CPU_INFERENCE_OPTIONS):
+        with inductor_config.patch(cpu_inference_options(model)):  # as optimize() compiles the model
             compiled = torch.compile(alone, dynamic=False)
             with torch.no_grad():
                 compiled(*inputs)  # compiled here, under the options
