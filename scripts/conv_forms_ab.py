@@ -130,54 +130,21 @@ def pointwise(rounds: int) -> None:
                   f"linear {b.median_s * 1e3:6.2f} ms  ratio {b.median_s / a.median_s:.2f}")
 
 
-def census(rounds: int, models: list[str]) -> None:
-    for name in models:
-        _, model = create_model(name)
-        model.eval()
-        if hasattr(model, "prepare_inference"):
-            model.prepare_inference()  # as optimize() runs it: BatchNorms folded
-        seen: Counter = Counter()
-        layer = {}
-
-        def record(conv: nn.Conv2d, inputs: tuple, _out) -> None:
-            key = (conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.groups,
-                   inputs[0].shape[-1])
-            seen[key] += 1
-            layer.setdefault(key, (conv, inputs[0].shape))
-
-        hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
-        with torch.no_grad():
-            model(torch.randn(8, 3, 224, 224))
-        for h in hooks:
-            h.remove()
-        calls = []
-        for conv, shape in layer.values():
-            conv = copy.deepcopy(conv).to(torch.bfloat16, memory_format=torch.channels_last)
-            x = torch.randn(shape).to(torch.bfloat16, memory_format=torch.channels_last)
-            calls.append(lambda conv=conv, x=x: conv(x))
-        with torch.no_grad():
-            for call in calls:
-                call(), call()
-            timings = time_interleaved(calls, CPU, runs=rounds)
-        kinds: Counter = Counter()
-        print(f"{name}: every convolution, bf16, batch 8, ms")
-        for (key, n), t in zip(seen.items(), timings):
-            cin, cout, k, stride, groups, side = key
-            kind = "depthwise" if groups == cin == cout and groups > 1 else ("1x1" if k == 1 else f"dense {k}x{k}")
-            kinds[kind] += n * t.median_s * 1e3
-            gflops = 2 * 8 * (side // stride) ** 2 * cout * cin // groups * k * k / t.median_s / 1e9
-            print(f"  {kind:10s} {cin:5d}->{cout:5d} stride {stride} @ {side:3d}²  x{n:2d}  "
-                  f"{t.median_s * 1e3:6.3f} each  {n * t.median_s * 1e3:6.2f} in all  {gflops:6.0f} GFLOP/s")
-        print("  by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items())
-              + f"; all {sum(kinds.values()):.1f}")
+def prepared(name: str) -> nn.Module:
+    """The model in eval mode, folded as ``optimize()`` folds it (BatchNorms) where the family can."""
+    _, model = create_model(name)
+    model.eval()
+    if hasattr(model, "prepare_inference"):
+        model.prepare_inference()
+    return model
 
 
-def library_layers(model: nn.Module, x: torch.Tensor) -> list:
-    """Every Conv2d and Linear call of ``model(x)`` in order, as calls on fresh bf16 inputs of the
-    same shapes (channels-last maps for the convs, as the compiled model runs them)."""
+def library_layers(model: nn.Module, x: torch.Tensor, types: tuple = (nn.Conv2d, nn.Linear)) -> list:
+    """Every call of a layer of ``types`` in ``model(x)``, in order, as (a bf16 copy of the layer, a
+    fresh bf16 input of the shape it got), channels-last for the convs as the compiled model runs them."""
     seen: list = []
     hooks = [m.register_forward_hook(lambda layer, inputs, _out: seen.append((layer, inputs[0].shape)))
-             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+             for m in model.modules() if isinstance(m, types)]
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -189,6 +156,32 @@ def library_layers(model: nn.Module, x: torch.Tensor) -> list:
             layer, inp = layer.to(memory_format=torch.channels_last), inp.contiguous(memory_format=torch.channels_last)
         calls.append((layer, inp))
     return calls
+
+
+def census(rounds: int, models: list[str]) -> None:
+    for name in models:
+        # One timed call per distinct convolution (channels, kernel, stride, groups, input size), and
+        # how many times the model calls it.
+        distinct: dict = {}
+        for conv, x in library_layers(prepared(name), torch.randn(8, 3, 224, 224), (nn.Conv2d,)):
+            key = (conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.groups, x.shape[-1])
+            distinct.setdefault(key, [conv, x, 0])[2] += 1
+        calls = [lambda conv=conv, x=x: conv(x) for conv, x, _ in distinct.values()]
+        with torch.no_grad():
+            for call in calls:
+                call(), call()
+            timings = time_interleaved(calls, CPU, runs=rounds)
+        kinds: Counter = Counter()
+        print(f"{name}: every convolution, bf16, batch 8, ms")
+        for (key, (_, _, n)), t in zip(distinct.items(), timings):
+            cin, cout, k, stride, groups, side = key
+            kind = "depthwise" if groups == cin == cout and groups > 1 else ("1x1" if k == 1 else f"dense {k}x{k}")
+            kinds[kind] += n * t.median_s * 1e3
+            gflops = 2 * 8 * (side // stride) ** 2 * cout * cin // groups * k * k / t.median_s / 1e9
+            print(f"  {kind:10s} {cin:5d}->{cout:5d} stride {stride} @ {side:3d}²  x{n:2d}  "
+                  f"{t.median_s * 1e3:6.3f} each  {n * t.median_s * 1e3:6.2f} in all  {gflops:6.0f} GFLOP/s")
+        print("  by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items())
+              + f"; all {sum(kinds.values()):.1f}")
 
 
 class LayersAlone(nn.Module):
@@ -207,10 +200,7 @@ def floor(rounds: int, models: list[str]) -> None:
     x = torch.randn(8, 3, 224, 224)
     cases, labels = [], []
     for name in models:
-        _, model = create_model(name)
-        model.eval()
-        if hasattr(model, "prepare_inference"):
-            model.prepare_inference()  # as optimize() runs it: BatchNorms folded
+        model = prepared(name)
         layers = library_layers(model, x)
         inputs = [inp for _, inp in layers]
         alone = LayersAlone(layers).requires_grad_(False)

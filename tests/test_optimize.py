@@ -190,19 +190,20 @@ def test_compiled_matches_eager_and_recompiles_for_a_new_shape(device, monkeypat
     # freezing): what inductor's config says when its entry point is called.
     from torch._inductor import compile_fx, config
     expected = {**CPU_INFERENCE_OPTIONS, "layout_optimization": False}
-    seen, depth = [], []
+    seen, depth = [], 0
     entry = compile_fx.compile_fx
 
     def recording(*args, **kwargs):
         # The outermost call only: torch 2.6's C++ wrapper compiles a graph twice, the first time
         # from within the call with its own options (its Python wrapper, to tune the kernels).
+        nonlocal depth
         if not depth:
             seen.append({key: getattr(config, key) for key in expected})
-        depth.append(1)
+        depth += 1
         try:
             return entry(*args, **kwargs)
         finally:
-            depth.pop()
+            depth -= 1
 
     monkeypatch.setattr(compile_fx, "compile_fx", recording)
     check_compiled_per_shape(model, fast, device, FP32_TOL)
